@@ -1,0 +1,54 @@
+"""Bearer-key authentication (pure ASGI middleware).
+
+Keys come from ``AXS_API_KEY`` (comma-separated). Every key is compared in constant time, and all
+of them are always compared, so timing tells nothing about which key nearly matched. Health,
+probes and metrics stay open for orchestrators and scrapers.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from axserving.errors import AuthenticationFailed, error_body
+
+OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/metrics"})
+
+
+def key_matches(presented: bytes, keys: tuple[bytes, ...]) -> bool:
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(presented, key)
+    return ok
+
+
+class BearerAuthMiddleware:
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.keys = tuple(k.encode() for k in keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value
+                break
+        scheme, _, token = header.partition(b" ")
+        if not header:
+            err = AuthenticationFailed(
+                "You didn't provide an API key. Provide it in the Authorization header as 'Bearer KEY'."
+            )
+        elif scheme.lower() != b"bearer" or not key_matches(token.strip(), self.keys):
+            err = AuthenticationFailed("Incorrect API key provided.")
+        else:
+            await self.app(scope, receive, send)
+            return
+        body = error_body(err)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+        await send({"type": "http.response.start", "status": err.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,157 @@
+"""The ``axserving`` command: ``run`` the server, ``models pull`` the packaged default model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from axserving import __version__, model_store
+from axserving.config import BackendName, ConfigError, Settings, load_settings, to_json
+from axserving.logs import setup_logging
+
+EXIT_USAGE = 2
+
+
+def _backend_option(raw: str) -> tuple[str, str]:
+    key, sep, value = raw.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {raw!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="axserving", description="OpenAI-compatible LLM serving plane")
+    parser.add_argument("--version", action="version", version=f"axserving {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve a model over an OpenAI-compatible HTTP API")
+    run.add_argument("--model", help="path to a model file (default: the packaged SmolLM2-135M-Instruct)")
+    run.add_argument("--model-id", help="id clients use in 'model' (default: default)")
+    run.add_argument("--backend", choices=[b.value for b in BackendName], help="engine backend (default: llama_cpp)")
+    run.add_argument("--host", help="address to bind (default: 127.0.0.1)")
+    run.add_argument("--port", type=int, help="port to bind (default: 18080; 0 is not allowed here)")
+    run.add_argument("--config", help="YAML settings file (default: $AXS_CONFIG, then config/serving.yaml)")
+    run.add_argument("--threads", type=int, help="engine CPU threads (default: all cores)")
+    run.add_argument("--ctx-size", type=int, help="context length in tokens (default: 4096)")
+    run.add_argument(
+        "--backend-option", action="append", type=_backend_option, default=[], metavar="KEY=VALUE",
+        help="backend-specific option (repeatable)",
+    )
+
+    models = sub.add_parser("models", help="manage packaged models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    pull = msub.add_parser("pull", help="fetch and verify the packaged default model")
+    pull.add_argument("--config", help="YAML settings file")
+    path = msub.add_parser("path", help="print the cached default model's path (fetching it if needed)")
+    path.add_argument("--config", help="YAML settings file")
+    return parser
+
+
+def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {
+        "model.path": args.model,
+        "model.id": args.model_id,
+        "model.backend": args.backend,
+        "rest.host": args.host,
+        "rest.port": args.port,
+        "model.threads": args.threads,
+        "model.ctx_size": args.ctx_size,
+    }
+    if args.backend_option:
+        overrides["model.backend_options"] = dict(args.backend_option)
+    return overrides
+
+
+def _fail(message: str) -> int:
+    print(f"axserving: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def resolve_model(settings: Settings) -> Settings:
+    """Fill in the model path: the given file, or the packaged default (fetched once)."""
+    m = settings.model
+    if m.path is None:
+        if m.backend is BackendName.fake:
+            path = "fake://echo"
+        else:
+            path = str(model_store.ensure(model_store.DEFAULT_MODEL, model_store.cache_dir(settings.models.cache_dir)))
+    else:
+        p = Path(m.path).expanduser()
+        if m.backend is not BackendName.fake and not p.is_file():
+            raise ConfigError(f"model.path = {m.path!r}: no such file")
+        path = str(p.resolve()) if p.exists() else m.path
+    return msgspec.structs.replace(settings, model=msgspec.structs.replace(m, path=path))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(_cli_overrides(args), config_path=args.config)
+    except ConfigError as e:
+        return _fail(str(e))
+    if not settings.api_keys and not settings.auth.allow_no_auth:
+        return _fail(
+            "no API key configured. Set AXS_API_KEY=key1[,key2...] to require bearer keys, "
+            "or AXS_ALLOW_NO_AUTH=true to serve without authentication (loopback/testing only)."
+        )
+    if settings.rest.port == 0:
+        return _fail("rest.port = 0: choose a port explicitly")
+    setup_logging(settings.logging)
+    try:
+        settings = resolve_model(settings)
+    except (ConfigError, model_store.ModelFetchError) as e:
+        return _fail(str(e))
+
+    from granian.constants import Interfaces, Loops
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    from axserving.app import SETTINGS_ENV
+
+    os.environ[SETTINGS_ENV] = to_json(settings).decode()
+    server = Server(
+        "axserving.app:create_app_from_env",
+        address=settings.rest.host,
+        port=settings.rest.port,
+        interface=Interfaces.ASGI,
+        loop=Loops.uvloop,
+        workers=1,
+        factory=True,
+        log_level=LogLevels(settings.logging.level.value),
+        log_access=False,
+    )
+    server.serve()
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(config_path=args.config)
+    except ConfigError as e:
+        return _fail(str(e))
+    setup_logging(settings.logging)
+    directory = model_store.cache_dir(settings.models.cache_dir)
+    try:
+        if args.models_command == "pull":
+            path = model_store.pull(model_store.DEFAULT_MODEL, directory)
+        else:
+            path = model_store.ensure(model_store.DEFAULT_MODEL, directory)
+    except model_store.ModelFetchError as e:
+        return _fail(str(e))
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    return cmd_models(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

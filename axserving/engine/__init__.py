@@ -1,0 +1,1 @@
+"""The front's view of engine processes: connections, request streams, supervision."""

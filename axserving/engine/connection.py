@@ -1,0 +1,207 @@
+"""One engine process incarnation as the front sees it: its process, its rings, its requests.
+
+Events are read on the event loop through ``loop.add_reader`` on the engine's doorbell (no
+thread); each :class:`~ipc.records.Step` fans out to the per-request streams in one pass. The
+process sentinel is watched the same way, so a death is noticed within milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+
+from axserving.engine.stream import RequestStream
+from axserving.errors import APIError, EngineUnavailable, ServiceUnavailable, from_engine_failure
+from engine_proc.main import EngineSpec, engine_main
+from ipc import records
+from ipc.channel import FrontEnd
+from ipc.ring import RingError
+
+log = logging.getLogger("axserving.engine")
+
+_SEND_RETRY_S = 0.002
+
+
+class EngineConnection:
+    def __init__(
+        self,
+        model_id: str,
+        backend: str,
+        backend_config: object,
+        request_ring_bytes: int,
+        event_ring_bytes: int,
+        log_level: str,
+    ) -> None:
+        self.model_id = model_id
+        self.channel = FrontEnd.create(request_ring_bytes, event_ring_bytes)
+        self.spec = EngineSpec(
+            model_id=model_id,
+            backend=backend,
+            config=backend_config,  # type: ignore[arg-type]
+            channel=self.channel.spec,
+            front_pid=os.getpid(),
+            log_level=log_level.upper(),
+        )
+        self.process: BaseProcess | None = None
+        self.ready: asyncio.Future[records.Ready] = asyncio.get_running_loop().create_future()
+        self.died: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self.fatal_message: str | None = None
+        self._streams: dict[int, RequestStream] = {}
+        self._rids = itertools.count(1)
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        self.on_step: Callable[[records.Step], None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def inflight(self) -> int:
+        return len(self._streams)
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.process = ctx.Process(
+            target=engine_main, args=(self.spec,), name=f"axs-engine-{self.model_id}", daemon=True
+        )
+        try:
+            self.process.start()
+        except BaseException:
+            self.channel.close()
+            self._closed = True
+            raise
+        self._loop.add_reader(self.channel.fileno(), self._on_events)
+        self._loop.add_reader(self.process.sentinel, self._on_exit)
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def _on_events(self) -> None:
+        self.channel.to_front.drain()
+        try:
+            while (record := self.channel.recv()) is not None:
+                self._dispatch(record)
+        except RingError as e:
+            # A corrupt ring means the engine cannot be trusted: treat it as dead.
+            log.error("engine %s: %s; killing it", self.model_id, e)
+            self.fatal_message = str(e)
+            self.kill()
+
+    def _dispatch(self, record: records.ToFront) -> None:
+        if isinstance(record, records.Step):
+            streams = self._streams
+            for delta in record.deltas:
+                stream = streams.get(delta.rid)
+                if stream is not None:
+                    stream.push(delta)
+                    if delta.finish_reason is not None:
+                        del streams[delta.rid]
+            if self.on_step is not None:
+                self.on_step(record)
+        elif isinstance(record, records.Failed):
+            failed = self._streams.pop(record.rid, None)
+            if failed is not None:
+                failed.fail(from_engine_failure(record.code, record.message))
+        elif isinstance(record, records.Ready):
+            if not self.ready.done():
+                self.ready.set_result(record)
+            # The engine unlinked the names on attach; make sure even if it did not.
+            self.channel.unlink()
+        elif isinstance(record, records.Fatal):
+            self.fatal_message = record.message
+            log.error("engine %s reported a fatal error: %s", self.model_id, record.message)
+
+    def _on_exit(self) -> None:
+        assert self.process is not None
+        self._loop.remove_reader(self.process.sentinel)  # level-triggered: remove or spin
+        # Read what the engine wrote before it died (a Fatal record, final deltas).
+        self._on_events()
+        self.process.join(0)
+        code = self.process.exitcode
+        reason = self.fatal_message or f"engine process exited with code {code}"
+        self.fail_all(EngineUnavailable(f"the model's engine stopped ({reason}); retry shortly"))
+        self._close_channel()
+        if not self.ready.done():
+            self.ready.set_exception(EngineUnavailable(f"engine failed to start: {reason}"))
+            self.ready.exception()  # mark retrieved; the supervisor reads `died`
+        if not self.died.done():
+            self.died.set_result(code)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        build: Callable[[int], records.Submit],
+        deadline: float,
+    ) -> RequestStream:
+        if self._closed or self.died.done():
+            raise EngineUnavailable("the model's engine is not running; retry shortly")
+        rid = next(self._rids)
+        record = build(rid)
+        while not self.channel.try_send(record):
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable("the engine's request ring stayed full; try again later")
+            await asyncio.sleep(_SEND_RETRY_S)
+            if self._closed:
+                raise EngineUnavailable("the model's engine stopped; retry shortly")
+        stream = RequestStream(rid, self._abort, deadline)
+        self._streams[rid] = stream
+        return stream
+
+    def _abort(self, rid: int) -> None:
+        if self._streams.pop(rid, None) is None or self._closed:
+            return
+        if not self.channel.try_send(records.Abort(rid)):
+            # Ring full: retry shortly rather than leave the sequence running.
+            self._loop.call_later(_SEND_RETRY_S, self._resend_abort, rid)
+
+    def _resend_abort(self, rid: int) -> None:
+        if not self._closed and not self.channel.try_send(records.Abort(rid)):
+            self._loop.call_later(_SEND_RETRY_S, self._resend_abort, rid)
+
+    def fail_all(self, error: APIError) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.fail(error)
+
+    # ---- shutdown ----------------------------------------------------------------------------
+
+    def request_shutdown(self) -> bool:
+        if self._closed:
+            return False
+        return self.channel.try_send(records.Shutdown())
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.exitcode is None:
+            self.process.kill()
+
+    def _close_channel(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.remove_reader(self.channel.fileno())
+        except (ValueError, OSError):
+            pass
+        self.channel.close()
+
+    async def stop(self, timeout: float) -> None:
+        """Ask the engine to exit, then kill it if it does not within ``timeout``."""
+        if self.process is None:
+            self._close_channel()
+            return
+        if not self.died.done():
+            self.request_shutdown()
+            try:
+                await asyncio.wait_for(asyncio.shield(self.died), timeout)
+            except TimeoutError:
+                log.warning("engine %s did not exit in %.1fs; killing it", self.model_id, timeout)
+                self.kill()
+                await asyncio.wait_for(asyncio.shield(self.died), 5)
+        self._close_channel()

@@ -1,0 +1,195 @@
+"""Keeps one model's engine process running: start, watch, restart with backoff, give up.
+
+States: ``loading`` (first start) → ``ready`` → (death) → ``restarting`` → ``ready`` …; after
+``max_restarts`` consecutive failed incarnations the circuit opens: ``failed``. ``stopped`` after
+shutdown. An incarnation that served for a while resets the failure count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+
+from axserving.config import EngineSettings
+from axserving.engine.connection import EngineConnection
+from axserving.engine.stream import RequestStream
+from axserving.errors import EngineUnavailable
+from engine_proc.backends.base import BackendConfig
+from ipc import records
+
+log = logging.getLogger("axserving.supervisor")
+
+STABLE_AFTER_S = 60.0  # an engine up this long counts as healthy: reset the failure count
+
+
+class EngineState(str, enum.Enum):
+    loading = "loading"
+    ready = "ready"
+    restarting = "restarting"
+    failed = "failed"
+    stopped = "stopped"
+
+
+class EngineSupervisor:
+    def __init__(
+        self,
+        model_id: str,
+        backend: str,
+        backend_config: BackendConfig,
+        settings: EngineSettings,
+        log_level: str = "info",
+        on_event: Callable[[str, EngineState], None] | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.backend = backend
+        self.backend_config = backend_config
+        self.settings = settings
+        self.log_level = log_level
+        self.state = EngineState.loading
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.info: records.Ready | None = None
+        self.conn: EngineConnection | None = None
+        self.on_step: Callable[[records.Step], None] | None = None
+        self._on_event = on_event
+        self._state_changed = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- public ------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self.conn.pid if self.conn else None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"supervisor:{self.model_id}")
+        self._task.add_done_callback(self._task_done)
+
+    async def wait_ready(self, deadline: float) -> EngineConnection:
+        """The running engine, waiting through a (re)start until ``deadline``."""
+        while True:
+            if self.state is EngineState.ready and self.conn is not None:
+                return self.conn
+            if self.state in (EngineState.failed, EngineState.stopped):
+                raise EngineUnavailable(
+                    f"model '{self.model_id}' is unavailable: engine {self.state.value}"
+                    + (f" ({self.last_error})" if self.last_error else "")
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise EngineUnavailable(
+                    f"model '{self.model_id}' is not ready (engine {self.state.value}); retry shortly",
+                    headers={"Retry-After": "1"},
+                )
+            self._state_changed.clear()
+            try:
+                await asyncio.wait_for(self._state_changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    async def submit(self, build: Callable[[int], records.Submit], deadline: float) -> RequestStream:
+        conn = await self.wait_ready(deadline)
+        return await conn.submit(build, deadline)
+
+    def stopping(self) -> None:
+        """Shutdown has begun: an engine that dies from now on is not restarted."""
+        self._stopping = True
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        conn = self.conn
+        if conn is not None:
+            await conn.stop(timeout)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._set_state(EngineState.stopped)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "state": self.state.value,
+            "pid": self.pid if self.state is EngineState.ready else None,
+            "restarts": self.restarts,
+            "backend": self.backend,
+            "last_error": self.last_error,
+        }
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def _set_state(self, state: EngineState) -> None:
+        if state is not self.state:
+            log.info("model %s: engine %s → %s", self.model_id, self.state.value, state.value)
+        self.state = state
+        self._state_changed.set()
+        if self._on_event is not None:
+            self._on_event(self.model_id, state)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:  # never fail silently: mark the model failed and say why
+            log.error("supervisor for %s crashed", self.model_id, exc_info=exc)
+            self.last_error = f"supervisor error: {exc}"
+            self._set_state(EngineState.failed)
+
+    async def _run(self) -> None:
+        failures = 0
+        backoff_ms = self.settings.restart_backoff_ms
+        while not self._stopping:
+            conn = EngineConnection(
+                self.model_id,
+                self.backend,
+                self.backend_config,
+                self.settings.request_ring_bytes,
+                self.settings.event_ring_bytes,
+                self.log_level,
+            )
+            conn.on_step = self.on_step
+            conn.start()
+            self.conn = conn
+            started = time.monotonic()
+            try:
+                self.info = await asyncio.wait_for(
+                    asyncio.shield(conn.ready), self.settings.startup_timeout_secs
+                )
+            except TimeoutError:
+                self.last_error = f"engine not ready after {self.settings.startup_timeout_secs}s"
+                log.error("model %s: %s; killing it", self.model_id, self.last_error)
+                conn.kill()
+            except EngineUnavailable as e:
+                self.last_error = e.message
+            else:
+                log.info(
+                    "model %s: engine pid %s ready (%s, n_ctx %d) in %.2fs",
+                    self.model_id, conn.pid, self.info.backend, self.info.n_ctx, time.monotonic() - started,
+                )
+                self._set_state(EngineState.ready)
+            code = await conn.died
+            if self._stopping:
+                break
+            up_for = time.monotonic() - started
+            if self.state is EngineState.ready:
+                self.last_error = conn.fatal_message or f"engine exited with code {code}"
+                log.error("model %s: engine died after %.1fs: %s", self.model_id, up_for, self.last_error)
+            if up_for >= STABLE_AFTER_S and self.state is EngineState.ready:
+                failures = 0
+                backoff_ms = self.settings.restart_backoff_ms
+            failures += 1
+            if failures > self.settings.max_restarts:
+                log.error("model %s: %d consecutive engine failures; giving up", self.model_id, failures)
+                self._set_state(EngineState.failed)
+                return
+            self._set_state(EngineState.restarting)
+            self.restarts += 1
+            delay = backoff_ms / 1000 if failures > 1 else 0.0  # first restart at once
+            if failures > 1:
+                backoff_ms = min(backoff_ms * 2, self.settings.restart_backoff_max_ms)
+            await asyncio.sleep(delay)

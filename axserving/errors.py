@@ -1,0 +1,115 @@
+"""One error tree for everything the API can answer with; rendered to HTTP in one place.
+
+Each class carries its HTTP status and OpenAI error ``type``; instances carry the message, the
+offending ``param`` and a machine-readable ``code``. :func:`error_body` is the only renderer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+
+class APIError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class UnprocessableRequest(InvalidRequest):
+    """Well-formed but semantically out of range (the reference answers 422 for these)."""
+
+    status = 422
+
+
+class ContextLengthExceeded(InvalidRequest):
+    default_code = "context_length_exceeded"
+
+
+class AuthenticationFailed(APIError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        kw.setdefault("headers", {"WWW-Authenticate": "Bearer"})
+        super().__init__(message, **kw)
+
+
+class NotFound(APIError):
+    status = 404
+    type = "not_found_error"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+
+
+class MethodNotAllowed(APIError):
+    status = 405
+    type = "invalid_request_error"
+
+
+class RateLimited(APIError):
+    status = 429
+    type = "rate_limit_error"
+
+
+class ServiceUnavailable(APIError):
+    status = 503
+    type = "server_error"
+
+
+class EngineUnavailable(ServiceUnavailable):
+    """The model's engine died, is restarting or has failed; retrying later may succeed."""
+
+    type = "engine_unavailable"
+    default_code = "engine_unavailable"
+
+
+class RequestTimeout(APIError):
+    status = 504
+    type = "server_error"
+    default_code = "timeout"
+
+
+class EngineError(APIError):
+    status = 500
+    type = "server_error"
+    default_code = "engine_error"
+
+
+def error_body(err: APIError) -> bytes:
+    return orjson.dumps(err.body())
+
+
+def from_engine_failure(code: str, message: str) -> APIError:
+    """Map an engine's per-request failure code (``ipc.records.Failed``) to the tree."""
+    if code == "context_length_exceeded":
+        return ContextLengthExceeded(message, param="messages")
+    if code == "invalid_request":
+        return InvalidRequest(message)
+    return EngineError(message, code=code)

@@ -1,0 +1,203 @@
+"""OpenAI request types, parsed and validated once at the edge.
+
+:func:`parse` turns a raw body into a typed request (400 naming the field on a wrong type or a
+missing field); :func:`sampling_params` and :func:`chat_messages` check ranges (the reference
+server's status codes: 400 or 422) and produce the engine-side records.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, TypeVar, Union
+
+import msgspec
+
+from axserving.errors import InvalidRequest, UnprocessableRequest
+from ipc.records import ChatMessage, SamplingParams
+
+MAX_TOKENS_LIMIT = 32768
+MAX_STOP_SEQUENCES = 16
+_MODEL_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+class TextPart(msgspec.Struct, tag_field="type", tag="text"):
+    text: str
+
+
+class ImagePart(msgspec.Struct, tag_field="type", tag="image_url"):
+    image_url: Any = None
+
+
+class Message(msgspec.Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[Union[TextPart, ImagePart]], None] = None
+    name: str | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    logprobs: Union[bool, int, None] = None
+    top_logprobs: int | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    prompt: Union[str, list[str]]
+    echo: bool = False
+    suffix: str | None = None
+
+
+R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
+
+
+def parse(body: bytes, kind: type[R]) -> R:
+    if not body.strip():
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        param = None
+        if " - at `$." in text:
+            text, _, where = text.rpartition(" - at `$.")
+            param = where.rstrip("`")
+        missing = re.match(r"Object missing required field `(\w+)`", text)
+        if missing:
+            field = missing.group(1)
+            param = f"{param}.{field}" if param else field
+            text = f"'{field}' is a required property"
+        where_txt = f" (at '{param}')" if param else ""
+        raise InvalidRequest(f"Invalid request: {text}{where_txt}", param=param) from e
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {e}") from e
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"The request body is not valid UTF-8: {e.reason} at byte {e.start}") from e
+
+
+def check_model_id(model: str) -> None:
+    if not model:
+        raise InvalidRequest("'model' must not be empty", param="model")
+    if len(model.encode()) > 128:
+        raise InvalidRequest("'model' is longer than 128 bytes", param="model")
+    if not _MODEL_ID.match(model):
+        raise UnprocessableRequest(
+            "'model' may only contain letters, digits, '-', '_' and '.'", param="model"
+        )
+
+
+def _in_range(name: str, value: float | None, lo: float, hi: float, lo_open: bool = False) -> None:
+    if value is None:
+        return
+    bad = value < lo or value > hi or (lo_open and value == lo)
+    if bad:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise UnprocessableRequest(f"'{name}' must be in {interval}, got {value}", param=name)
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, default_max_tokens: int) -> SamplingParams:
+    check_model_id(req.model)
+    if req.n != 1:
+        raise InvalidRequest("only n=1 is supported", param="n")
+    max_tokens = req.max_tokens
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        max_tokens = req.max_completion_tokens
+    param = "max_tokens"
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise InvalidRequest(f"'{param}' must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}", param=param)
+    _in_range("temperature", req.temperature, 0, 2)
+    _in_range("top_p", req.top_p, 0, 1)
+    _in_range("min_p", req.min_p, 0, 1)
+    if req.top_k is not None and req.top_k < 1:
+        raise UnprocessableRequest(f"'top_k' must be at least 1, got {req.top_k}", param="top_k")
+    _in_range("repeat_penalty", req.repeat_penalty, 0, 10, lo_open=True)
+    _in_range("frequency_penalty", req.frequency_penalty, -2, 2)
+    _in_range("presence_penalty", req.presence_penalty, -2, 2)
+    if req.top_logprobs is not None:
+        if req.top_logprobs > 20 or req.top_logprobs < 0:
+            raise UnprocessableRequest("'top_logprobs' must be between 0 and 20", param="top_logprobs")
+        if not req.logprobs:
+            raise UnprocessableRequest("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+    if req.logprobs:
+        raise InvalidRequest("'logprobs' is not supported yet", param="logprobs")
+    stop: tuple[str, ...] = ()
+    if isinstance(req.stop, str):
+        stop = (req.stop,) if req.stop else ()
+    elif req.stop:
+        stop = tuple(s for s in req.stop if s)
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
+    return SamplingParams(
+        max_tokens=max_tokens or default_max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        repeat_penalty=req.repeat_penalty or 1.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        seed=req.seed,
+        stop=stop,
+        ignore_eos=req.ignore_eos,
+    )
+
+
+def chat_messages(req: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
+    if not req.messages:
+        raise InvalidRequest("'messages' must contain at least one message", param="messages")
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.content is None:
+            text = ""
+        elif isinstance(m.content, str):
+            text = m.content
+        else:
+            parts = []
+            for part in m.content:
+                if not isinstance(part, TextPart):
+                    raise InvalidRequest(
+                        "only text content parts are supported by this model",
+                        param=f"messages.{i}.content",
+                    )
+                parts.append(part.text)
+            text = "".join(parts)
+        out.append(ChatMessage(role=m.role, content=text, name=m.name))
+    return tuple(out)
+
+
+def completion_prompt(req: CompletionRequest) -> str:
+    if req.echo:
+        raise InvalidRequest("'echo' is not supported", param="echo")
+    if req.suffix:
+        raise InvalidRequest("'suffix' is not supported", param="suffix")
+    if isinstance(req.prompt, str):
+        return req.prompt
+    if len(req.prompt) != 1:
+        raise InvalidRequest("'prompt' must be a string or a list of exactly one string", param="prompt")
+    return req.prompt[0]
+
+
+def include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)

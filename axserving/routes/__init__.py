@@ -1,0 +1,24 @@
+"""HTTP routes. Inference routes are served with and without the ``/v1`` prefix."""
+
+from __future__ import annotations
+
+from starlette.routing import Route
+
+from axserving.routes import inference, ops
+
+
+def routes() -> list[Route]:
+    out = [
+        Route("/health", ops.health, methods=["GET"]),
+        Route("/livez", ops.livez, methods=["GET"]),
+        Route("/readyz", ops.readyz, methods=["GET"]),
+        Route("/metrics", ops.metrics, methods=["GET"]),
+        Route("/v1/admin/status", ops.admin_status, methods=["GET"]),
+    ]
+    for prefix in ("/v1", ""):
+        out += [
+            Route(f"{prefix}/chat/completions", inference.chat_completions, methods=["POST"]),
+            Route(f"{prefix}/completions", inference.completions, methods=["POST"]),
+            Route(f"{prefix}/models", ops.list_models, methods=["GET"]),
+        ]
+    return out

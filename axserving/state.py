@@ -1,0 +1,33 @@
+"""What the running front holds: settings, models, metrics. One instance per app."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from axserving.config import Settings
+from axserving.metrics import Metrics
+from axserving.registry import ModelRegistry
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    registry: ModelRegistry = field(default_factory=ModelRegistry)
+    metrics: Metrics = field(default_factory=Metrics)
+    started: float = field(default_factory=time.monotonic)
+    admitted: int = 0  # requests between admission and their final byte
+    shutting_down: bool = False
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.axs  # type: ignore[no-any-return]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")

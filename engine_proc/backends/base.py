@@ -1,0 +1,74 @@
+"""The seam between the engine loop and a model runtime.
+
+A backend is driven by one thread in the engine process: the loop ``submit``s requests as they
+arrive, calls ``step`` while ``has_work`` is true, and ``abort``s requests the front cancelled.
+``step`` advances every running sequence by (at most) one token and returns one
+:class:`~ipc.records.Delta` per sequence that made progress or finished. A backend may run one
+sequence at a time and keep the others waiting; the loop does not care.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from ipc.records import Delta, Submit
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    model_path: str
+    n_ctx: int = 4096
+    n_threads: int = 0  # 0: let the backend choose
+    n_batch: int = 512
+    # Backend-specific knobs (the fake backend's delay, crash triggers, ...).
+    options: tuple[tuple[str, str], ...] = ()
+
+    def option(self, name: str, default: str = "") -> str:
+        return dict(self.options).get(name, default)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    backend: str
+    n_ctx: int
+    description: str = ""
+
+
+class RequestRejected(Exception):
+    """A request the backend refuses; the engine reports it to the front and carries on."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Backend(abc.ABC):
+    name: str = "backend"
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def load(self) -> ModelInfo:
+        """Load the model. Raise on failure; the engine reports it as fatal."""
+
+    @abc.abstractmethod
+    def submit(self, request: Submit) -> None:
+        """Accept a request, or raise :class:`RequestRejected` (bad prompt, too long, ...)."""
+
+    @abc.abstractmethod
+    def step(self) -> list[Delta]:
+        """Advance running sequences by one step; return their deltas (finished ones included)."""
+
+    @abc.abstractmethod
+    def abort(self, rid: int) -> None:
+        """Drop a request and free what it holds. Unknown ids are ignored."""
+
+    @abc.abstractmethod
+    def has_work(self) -> bool:
+        """True while any request is waiting or running."""
+
+    def close(self) -> None:
+        """Release the model. Called once, before the engine process exits."""

@@ -1,0 +1,110 @@
+"""A test double for the engine boundary: echoes the prompt back, word by word.
+
+It runs every submitted request at once (one word per request per step), so tests see real
+interleaving across the rings. Knobs, from ``BackendConfig.options`` (``--backend-option k=v``):
+
+- ``delay_ms``: sleep this long in every step (default 2), to make streams observable;
+- ``load_delay_ms``: sleep this long in :meth:`load`;
+- ``fail_load``: ``1`` makes :meth:`load` raise.
+
+Markers in the prompt text drive failures on demand:
+
+- ``[[crash]]``: the engine process SIGKILLs itself in the step after the first token;
+- ``[[error]]``: :meth:`step` raises (a fatal backend error).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from engine_proc.backends.base import Backend, ModelInfo, RequestRejected
+from ipc.records import Delta, Submit
+
+
+@dataclass
+class _Seq:
+    rid: int
+    words: list[str]
+    max_tokens: int
+    stop: tuple[str, ...]
+    prompt_tokens: int
+    crash: bool
+    error: bool
+    emitted: list[str] = field(default_factory=list)
+
+
+class FakeBackend(Backend):
+    name = "fake"
+
+    def load(self) -> ModelInfo:
+        if self.config.option("fail_load") == "1":
+            raise RuntimeError("fake backend told to fail loading")
+        time.sleep(float(self.config.option("load_delay_ms", "0")) / 1000)
+        self._delay = float(self.config.option("delay_ms", "2")) / 1000
+        self._seqs: dict[int, _Seq] = {}
+        return ModelInfo(backend=self.name, n_ctx=self.config.n_ctx, description="echo test double")
+
+    def submit(self, request: Submit) -> None:
+        if request.messages is not None:
+            user = [m.content for m in request.messages if m.role == "user"]
+            source = user[-1] if user else request.messages[-1].content
+            prompt_tokens = sum(len(m.content.split()) + 4 for m in request.messages)
+        else:
+            source = request.prompt or ""
+            prompt_tokens = len(source.split())
+        if prompt_tokens >= self.config.n_ctx:
+            raise RequestRejected(
+                "context_length_exceeded",
+                f"This model's maximum context length is {self.config.n_ctx} tokens. "
+                f"However, your messages resulted in {prompt_tokens} tokens.",
+            )
+        words = [w + " " for w in source.split()] or ["(empty) "]
+        self._seqs[request.rid] = _Seq(
+            request.rid,
+            words,
+            request.params.max_tokens,
+            request.params.stop,
+            prompt_tokens,
+            crash="[[crash]]" in source,
+            error="[[error]]" in source,
+        )
+
+    def step(self) -> list[Delta]:
+        if self._delay:
+            time.sleep(self._delay)
+        deltas: list[Delta] = []
+        for seq in list(self._seqs.values()):
+            if seq.crash and seq.emitted:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if seq.error and seq.emitted:
+                raise RuntimeError("fake backend told to fail a step")
+            word = seq.words[len(seq.emitted)]
+            seq.emitted.append(word)
+            n = len(seq.emitted)
+            finish = None
+            text = word
+            for stop in seq.stop:
+                joined = "".join(seq.emitted)
+                cut = joined.find(stop)
+                if cut >= 0:
+                    text = joined[:cut][len(joined) - len(word) :] if cut > len(joined) - len(word) else ""
+                    finish = "stop"
+                    break
+            if finish is None:
+                if n >= seq.max_tokens:
+                    finish = "length"
+                elif n >= len(seq.words):
+                    finish = "stop"
+            deltas.append(Delta(seq.rid, text, 1, finish, seq.prompt_tokens, n))
+            if finish is not None:
+                del self._seqs[seq.rid]
+        return deltas
+
+    def abort(self, rid: int) -> None:
+        self._seqs.pop(rid, None)
+
+    def has_work(self) -> bool:
+        return bool(self._seqs)

@@ -1,0 +1,131 @@
+"""The engine process: attach to the rings, load the backend, and run the step loop.
+
+Started by the front with the ``spawn`` context; :func:`engine_main` is the process target. The
+loop drains the request ring, advances the backend by one step while it has work, and writes one
+:class:`~ipc.records.Step` record per step carrying every sequence's new output. With no work it
+sleeps on the request doorbell. It exits when the front says :class:`~ipc.records.Shutdown`, when
+the front process disappears, or on a fatal backend error (after reporting it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+from engine_proc.backends import make_backend
+from engine_proc.backends.base import Backend, BackendConfig, RequestRejected
+from ipc import records
+from ipc.channel import ChannelSpec, EngineEnd
+
+log = logging.getLogger("axserving.engine")
+
+IDLE_WAIT_S = 0.5  # how often an idle engine checks that its front is still there
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    model_id: str
+    backend: str
+    config: BackendConfig
+    channel: ChannelSpec
+    front_pid: int
+    log_level: str = "INFO"
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when the front dies (the front's sweep and this make orphans rare)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class EngineLoop:
+    def __init__(self, spec: EngineSpec, channel: EngineEnd, backend: Backend) -> None:
+        self.spec = spec
+        self.channel = channel
+        self.backend = backend
+        self.running = True
+
+    def front_alive(self) -> bool:
+        return os.getppid() == self.spec.front_pid
+
+    def send(self, record: records.ToFront) -> None:
+        self.channel.send(record, alive=self.front_alive)
+
+    def handle(self, record: records.ToEngine) -> None:
+        if isinstance(record, records.Submit):
+            try:
+                self.backend.submit(record)
+            except RequestRejected as e:
+                self.send(records.Failed(record.rid, e.code, e.message))
+            except Exception as e:  # a bad request must not take the engine down
+                log.exception("submit of request %d failed", record.rid)
+                self.send(records.Failed(record.rid, "engine_error", f"{type(e).__name__}: {e}"))
+        elif isinstance(record, records.Abort):
+            self.backend.abort(record.rid)
+        elif isinstance(record, records.Shutdown):
+            self.running = False
+
+    def run(self) -> None:
+        channel, backend = self.channel, self.backend
+        while self.running:
+            while (record := channel.recv()) is not None:
+                self.handle(record)
+                if not self.running:
+                    return
+            if backend.has_work():
+                deltas = backend.step()
+                if deltas:
+                    self.send(records.Step(tuple(deltas)))
+            else:
+                channel.wait(IDLE_WAIT_S)
+                if not self.front_alive():
+                    log.warning("front process is gone; engine exiting")
+                    return
+
+
+def engine_main(spec: EngineSpec) -> None:
+    """Process target. Exit code 0 on a requested shutdown, 1 on a fatal error."""
+    _die_with_parent()
+    # Ctrl-C, `timeout` and systemd signal the whole process group; the engine's life belongs to
+    # the front, which stops it in order (Shutdown record), or kills it, or dies (pdeathsig).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        level=spec.log_level,
+        format=f"%(asctime)s %(levelname)s engine[{spec.model_id}:{os.getpid()}] %(message)s",
+    )
+    channel = EngineEnd(spec.channel)
+    backend = make_backend(spec.backend, spec.config)
+    try:
+        try:
+            info = backend.load()
+        except Exception as e:
+            log.exception("model load failed")
+            channel.send(records.Fatal(f"model load failed: {type(e).__name__}: {e}"))
+            sys.exit(1)
+        channel.send(
+            records.Ready(os.getpid(), info.backend, info.n_ctx, info.description)
+        )
+        loop = EngineLoop(spec, channel, backend)
+        try:
+            loop.run()
+        except Exception as e:
+            log.exception("engine step failed")
+            try:
+                loop.send(records.Fatal(f"engine failed: {type(e).__name__}: {e}"))
+            finally:
+                sys.exit(1)
+    finally:
+        backend.close()
+        channel.close()

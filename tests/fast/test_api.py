@@ -1,0 +1,245 @@
+"""The HTTP API in-process (Starlette TestClient + the official openai client) over a real
+engine process on the fake backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+from starlette.testclient import TestClient
+
+from axserving.app import create_app
+from axserving.config import BackendName, ModelSettings, Settings
+
+KEY = "sk-test-1"
+
+
+def make_settings(**model: object) -> Settings:
+    fields: dict[str, object] = {"path": "fake://echo", "backend": BackendName.fake, "ctx_size": 256}
+    fields.update(model)
+    return Settings(model=ModelSettings(**fields), api_keys=(KEY, "sk-test-2"))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings()), headers={"Authorization": f"Bearer {KEY}"}) as c:
+        ready_wait(c)
+        yield c
+
+
+def ready_wait(c: TestClient, timeout: float = 20) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if c.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"not ready: {c.get('/health').json()}")
+
+
+@pytest.fixture(scope="module")
+def oai(client: TestClient) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=client, max_retries=0)
+
+
+def err(resp) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]  # type: ignore[no-any-return]
+
+
+# ---- happy paths ------------------------------------------------------------------------------
+
+
+def test_chat_non_streaming(oai: openai.OpenAI) -> None:
+    r = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "one two three"}])
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == "one two three "
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and r.usage.completion_tokens == 3
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 3
+
+
+def test_chat_streaming_with_usage(oai: openai.OpenAI) -> None:
+    chunks = list(
+        oai.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "alpha beta gamma delta"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "alpha beta gamma delta "
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+def test_max_tokens_gives_length(oai: openai.OpenAI) -> None:
+    r = oai.chat.completions.create(
+        model="default", max_tokens=2, messages=[{"role": "user", "content": "a b c d e"}]
+    )
+    assert r.choices[0].message.content == "a b "
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 2
+
+
+def test_stop_string_not_emitted(oai: openai.OpenAI) -> None:
+    r = oai.chat.completions.create(
+        model="default", stop=["STOP"], messages=[{"role": "user", "content": "keep this STOP not this"}]
+    )
+    assert r.choices[0].message.content == "keep this "
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_completions(oai: openai.OpenAI) -> None:
+    r = oai.completions.create(model="default", prompt="x y z")
+    assert r.object == "text_completion"
+    assert r.choices[0].text == "x y z "
+    assert r.usage is not None and r.usage.prompt_tokens == 3
+    streamed = "".join(c.choices[0].text for c in oai.completions.create(model="default", prompt="p q", stream=True))
+    assert streamed == "p q "
+
+
+def test_models_and_unprefixed_routes(client: TestClient) -> None:
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["default"]
+    assert {"id", "object", "created", "owned_by"} <= set(body["data"][0])
+    assert client.get("/models").json() == body
+    r = client.post("/chat/completions", json={"model": "default", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+
+
+def test_headers(client: TestClient) -> None:
+    r = client.get("/v1/models", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["x-frame-options"] == "DENY"
+    assert len(client.get("/health").headers["x-request-id"]) == 32
+    r = client.post("/v1/chat/completions", json={"model": "default", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.headers["x-ax-stage-timing"].startswith("queue_wait_us=")
+
+
+def test_health_and_probes(client: TestClient) -> None:
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["ready"] is True and h["model_available"] is True
+    assert h["loaded_models"] == ["default"] and h["loaded_model_count"] == 1
+    engine = h["models"][0]["engine"]
+    assert engine["state"] == "ready" and engine["pid"] > 0 and engine["restarts"] == 0
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").json()["ready"] is True
+    status = client.get("/v1/admin/status").json()
+    assert status["models"][0]["engine"]["pid"] == engine["pid"]
+
+
+def test_metrics_open_and_counting(client: TestClient) -> None:
+    client.post("/v1/chat/completions", json={"model": "default", "messages": [{"role": "user", "content": "m"}]})
+    text = client.get("/metrics", headers={"Authorization": ""}).text
+    assert 'axs_requests_total{endpoint="chat",model="default",status="200"}' in text
+    assert "axs_time_to_first_token_seconds_bucket" in text
+    assert 'axs_engine_up{model="default"} 1.0' in text
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "default"}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        ({"model": "default", "messages": "hello"}, 400, "messages"),
+        ({"model": "default", "messages": []}, 400, "messages"),
+        ({"model": "default", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+        ({"model": "default", "messages": [{"content": "x"}]}, 400, "messages[0].role"),
+        ({"model": 7, "messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "max_tokens": 40000}, 400, "max_tokens"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, 422, "temperature"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, 422, "top_p"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "top_k": 0}, 422, "top_k"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "repeat_penalty": 0}, 422, "repeat_penalty"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}, 422, "presence_penalty"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 422, "top_logprobs"),
+        ({"model": "", "messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        ({"model": "bad model!", "messages": [{"role": "user", "content": "x"}]}, 422, "model"),
+        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ],
+)
+def test_bad_chat_bodies(client: TestClient, body: dict, status: int, param: str) -> None:  # type: ignore[type-arg]
+    r = client.post(CHAT, json=body)
+    assert r.status_code == status, r.text
+    e = err(r)
+    assert e["param"] == param, e
+    assert e["type"] in ("invalid_request_error", "not_found_error")
+    if status == 404:
+        assert e["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("raw", [b"{bad json", b"", b"[1, 2]", b"null", "{\"model\": \"caf\xe9\"}".encode("latin-1")])
+def test_malformed_json(client: TestClient, raw: bytes) -> None:
+    r = client.post(CHAT, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert err(r)["type"] == "invalid_request_error"
+
+
+def test_unknown_route_and_method(client: TestClient) -> None:
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and err(r)["type"] == "not_found_error"
+    r = client.get(CHAT)
+    assert r.status_code == 405 and err(r)["type"] == "invalid_request_error"
+
+
+def test_context_length_exceeded_streaming_and_not(client: TestClient) -> None:
+    long = " ".join(["word"] * 300)  # the fixture's context is 256 "tokens"
+    for stream in (False, True):
+        r = client.post(CHAT, json={"model": "default", "stream": stream, "messages": [{"role": "user", "content": long}]})
+        assert r.status_code == 400, r.text
+        assert err(r)["code"] == "context_length_exceeded"
+
+
+# ---- auth -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "auth", [None, "Bearer wrong", "Basic c2stdGVzdC0x", "Bearer", f"Bearer {KEY}x", f"bearer{KEY}"]
+)
+def test_auth_rejected(client: TestClient, auth: str | None) -> None:
+    headers = {"Authorization": auth} if auth is not None else {"Authorization": ""}
+    r = client.get("/v1/models", headers=headers)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    e = err(r)
+    assert e["type"] == "authentication_error" and e["code"] == "invalid_api_key"
+
+
+def test_second_key_and_open_paths(client: TestClient) -> None:
+    assert client.get("/v1/models", headers={"Authorization": "Bearer sk-test-2"}).status_code == 200
+    for path in ("/health", "/livez", "/readyz", "/metrics"):
+        assert client.get(path, headers={"Authorization": ""}).status_code == 200, path
+    assert client.get("/v1/admin/status", headers={"Authorization": ""}).status_code == 401
+
+
+def test_openai_client_sees_typed_errors(client: TestClient) -> None:
+    bad = openai.OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=client, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    good = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=client, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        good.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.UnprocessableEntityError):
+        good.chat.completions.create(model="default", temperature=3, messages=[{"role": "user", "content": "x"}])

@@ -1,0 +1,130 @@
+"""Start the real ``axserving run`` (real Granian, real engine processes) for a test, and stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+AXSERVING = [sys.executable, "-m", "axserving.cli"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def shm_names() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("axs.")}
+    except FileNotFoundError:
+        return set()
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    api_key: str | None
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self) -> dict:  # type: ignore[type-arg]
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def engine_pid(self) -> int | None:
+        return self.health()["models"][0]["engine"]["pid"]
+
+    def wait_ready(self, timeout: float, previous_pid: int | None = None) -> int:
+        """Wait until the engine is ready (and, if given, is not ``previous_pid``); its pid."""
+        end = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                last = self.health()
+                engine = last["models"][0]["engine"]
+                if engine["state"] == "ready" and engine["pid"] not in (None, previous_pid):
+                    return int(engine["pid"])
+            except (httpx.HTTPError, KeyError, IndexError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"engine not ready after {timeout}s (last health {last}):\n{self.log()}")
+
+
+@contextmanager
+def run_server(
+    tmp_path: Path,
+    *args: str,
+    api_key: str | None = "test-key",
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 60,
+) -> Iterator[Server]:
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AXS_")}
+    full_env.update({"AXS_ALLOW_NO_AUTH": "false", "PYTHONUNBUFFERED": "1"})
+    if api_key:
+        full_env["AXS_API_KEY"] = api_key
+    else:
+        full_env["AXS_ALLOW_NO_AUTH"] = "true"
+    if "AXS_TEST_MODEL_CACHE" in os.environ:
+        full_env["AXS_MODEL_CACHE"] = os.environ["AXS_TEST_MODEL_CACHE"]
+    full_env.update(env or {})
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*AXSERVING, "run", "--host", "127.0.0.1", "--port", str(port), *args],
+            stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True,
+        )
+    server = Server(f"http://127.0.0.1:{port}", proc, log_path, api_key)
+    try:
+        server.wait_ready(ready_timeout)
+        yield server
+    finally:
+        stop(server)
+
+
+def stop(server: Server, timeout: float = 20) -> int:
+    proc = server.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+            raise AssertionError(f"server did not stop on SIGTERM within {timeout}s:\n{server.log()}")
+    # Nothing the server started may outlive it.
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        pass
+    else:
+        time.sleep(0.5)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"processes of the server's group outlived it:\n{server.log()}")
+        except ProcessLookupError:
+            pass
+    return proc.returncode
