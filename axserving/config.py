@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -231,9 +232,11 @@ def _explain(err: msgspec.ValidationError, tree: Mapping[str, Any], source: Mapp
         value = repr(_get(tree, key))
     except (KeyError, TypeError):
         value = "(missing)"
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", what)
+    if unknown:
+        full = f"{key}.{unknown.group(1)}"
+        return f"invalid configuration: unknown key {full!r} (from {source.get(full, 'the config file')})"
     origin = source.get(key, "defaults")
-    if what.startswith("Object contains unknown field"):
-        return f"invalid configuration: unknown key {key!r} (from {origin})"
     return f"invalid configuration: {key} = {value} (from {origin}): {what}"
 
 

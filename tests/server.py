@@ -115,16 +115,21 @@ def stop(server: Server, timeout: float = 20) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
             raise AssertionError(f"server did not stop on SIGTERM within {timeout}s:\n{server.log()}")
-    # Nothing the server started may outlive it.
-    try:
-        os.killpg(proc.pid, 0)
-    except ProcessLookupError:
-        pass
-    else:
-        time.sleep(0.5)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"processes of the server's group outlived it:\n{server.log()}")
-        except ProcessLookupError:
-            pass
+    # Nothing the server started may outlive it (allow a moment for the last exits).
+    deadline = time.monotonic() + 5
+    while (left := _group_members(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"processes of the server's group outlived it: {left}\n{server.log()}")
     return proc.returncode
+
+
+def _group_members(pgid: int) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True).stdout
+    members = []
+    for line in out.splitlines():
+        pid, group, stat, args = line.split(None, 3)
+        if int(group) == pgid and not stat.startswith("Z"):
+            members.append(f"{pid} {stat} {args[:100]}")
+    return members

@@ -1,0 +1,1 @@
+"""Engine processes: the step loop and the model backends (llama_cpp, fake)."""

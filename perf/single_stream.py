@@ -1,0 +1,137 @@
+"""TTFT and decode tokens/s of one streaming chat request, three ways, in one run:
+
+- ``server``: through ``axserving run`` (Granian front, shared-memory rings, engine process),
+  measured by an HTTP client reading the SSE stream;
+- ``engine``: the same backend class driven in this process with no server (the plane's floor);
+- ``llama_cpp``: llama-cpp-python's own ``create_chat_completion(stream=True)`` in this process.
+
+Rounds alternate between the three so machine noise hits them alike; figures are medians, and
+ratios are against the in-process references measured in the same run.
+
+    .venv/bin/python perf/single_stream.py [--model PATH] [--tokens 128] [--rounds 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from axserving import model_store  # noqa: E402
+from engine_proc.backends.base import BackendConfig  # noqa: E402
+from engine_proc.backends.llama_cpp import LlamaCppBackend  # noqa: E402
+from ipc.records import ChatMessage, SamplingParams, Submit  # noqa: E402
+from tests.server import run_server  # noqa: E402
+
+PROMPT = "Write a detailed essay about the history of lighthouses and the people who kept them."
+
+
+def measure_server(url: str, key: str, tokens: int) -> tuple[float, float]:
+    body = {
+        "model": "default", "stream": True, "temperature": 0, "max_tokens": tokens, "ignore_eos": True,
+        "messages": [{"role": "user", "content": PROMPT}], "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300,
+                      headers={"Authorization": f"Bearer {key}"}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = orjson.loads(line[6:])
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+    assert first is not None and last is not None and n == tokens, (n, tokens)
+    return first - t0, (n - 1) / (last - first)
+
+
+def measure_engine(backend: LlamaCppBackend, tokens: int, rid: int) -> tuple[float, float]:
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    backend.submit(Submit(rid=rid, params=params, messages=(ChatMessage("user", PROMPT),)))
+    first = last = None
+    n = 0
+    while backend.has_work():
+        for d in backend.step():
+            if d.n_tokens:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                n = d.completion_tokens
+    assert first is not None and last is not None and n == tokens
+    return first - t0, (n - 1) / (last - first)
+
+
+def measure_llama_cpp(llm, tokens: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    for chunk in llm.create_chat_completion(
+        messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=tokens, stream=True,
+        logit_bias=None,
+    ):
+        if chunk["choices"][0]["delta"].get("content"):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            n += 1
+    assert first is not None and last is not None
+    return first - t0, (n - 1) / (last - first)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    model = args.model or model_store.ensure(model_store.DEFAULT_MODEL, model_store.cache_dir("~/.cache/axserving/models"))
+
+    import llama_cpp
+
+    config = BackendConfig(model_path=str(model), n_ctx=2048, n_threads=args.threads)
+    engine = LlamaCppBackend(config)
+    engine.load()
+    llm = llama_cpp.Llama(str(model), n_ctx=2048, n_threads=args.threads, verbose=False)
+    results: dict[str, list[tuple[float, float]]] = {"server": [], "engine": [], "llama_cpp": []}
+    with tempfile.TemporaryDirectory() as tmp, run_server(
+        Path(tmp), "--model", str(model), "--threads", str(args.threads), "--ctx-size", "2048",
+        api_key="perf-key", ready_timeout=180,
+    ) as server:
+        measure_server(server.url, "perf-key", 8)  # warm-up: page in weights, JIT paths
+        measure_engine(engine, 8, 0)
+        for i in range(args.rounds):
+            results["server"].append(measure_server(server.url, "perf-key", args.tokens))
+            results["engine"].append(measure_engine(engine, args.tokens, i + 1))
+            # llama-cpp-python's high-level path stops at EOS (it has no ignore_eos); its tok/s
+            # is still per generated token.
+            results["llama_cpp"].append(measure_llama_cpp(llm, args.tokens))
+    engine.close()
+
+    med = {k: (statistics.median(t for t, _ in v), statistics.median(r for _, r in v)) for k, v in results.items()}
+    print(f"model {model.name}, threads {args.threads}, {args.tokens} tokens, {args.rounds} rounds (medians)")
+    print(f"{'path':<12}{'TTFT ms':>10}{'decode tok/s':>15}")
+    for k, (ttft, rate) in med.items():
+        print(f"{k:<12}{ttft * 1000:>10.1f}{rate:>15.1f}")
+    s, e, l = med["server"], med["engine"], med["llama_cpp"]
+    print(f"server vs engine:    TTFT +{(s[0] - e[0]) * 1000:.1f} ms, decode x{s[1] / e[1]:.3f}")
+    print(f"server vs llama_cpp: TTFT x{s[0] / l[0]:.3f}, decode x{s[1] / l[1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""axserving.config: precedence, validation messages, and the documented YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from axserving.config import DEFAULT_CONFIG_FILE, ConfigError, Settings, load_settings
+
+
+def test_documented_yaml_matches_builtin_defaults() -> None:
+    assert load_settings(env={}, config_path=str(DEFAULT_CONFIG_FILE)) == Settings()
+
+
+def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("rest:\n  port: 1111\n  host: 0.0.0.0\nscheduler:\n  max_queue: 7\n")
+    s = load_settings(env={"AXS_CONFIG": str(cfg)})
+    assert (s.rest.port, s.rest.host, s.scheduler.max_queue) == (1111, "0.0.0.0", 7)
+    s = load_settings(env={"AXS_CONFIG": str(cfg), "AXS_REST_PORT": "2222"})
+    assert s.rest.port == 2222 and s.rest.host == "0.0.0.0"
+    s = load_settings({"rest.port": 3333}, env={"AXS_CONFIG": str(cfg), "AXS_REST_PORT": "2222"})
+    assert s.rest.port == 3333
+    s = load_settings({"rest.port": 4444}, env={"AXS_CONFIG": "/nonexistent"}, config_path=str(cfg))
+    assert s.rest.port == 4444 and s.scheduler.max_queue == 7
+
+
+def test_api_keys_from_env_only() -> None:
+    s = load_settings(env={"AXS_API_KEY": " a, b ,,c"})
+    assert s.api_keys == ("a", "b", "c")
+
+
+@pytest.mark.parametrize(
+    ("env", "needles"),
+    [
+        ({"AXS_REST_PORT": "http"}, ["rest.port", "'http'", "$AXS_REST_PORT"]),
+        ({"AXS_REST_PORT": "70000"}, ["rest.port", "<= 65535"]),
+        ({"AXS_BACKEND": "vllm"}, ["model.backend", "'vllm'"]),
+        ({"AXS_ALLOW_NO_AUTH": "perhaps"}, ["auth.allow_no_auth", "'perhaps'"]),
+        ({"AXS_MODEL_ID": "has space"}, ["model.id", "'has space'"]),
+        ({"AXS_LOG": "loud"}, ["logging.level", "'loud'"]),
+    ],
+)
+def test_bad_values_name_key_value_and_source(env: dict[str, str], needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=env)
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def test_unknown_key_and_bad_yaml(tmp_path: Path) -> None:
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("rest:\n  prot: 1\n")
+    with pytest.raises(ConfigError, match="prot"):
+        load_settings(env={}, config_path=str(cfg))
+    cfg.write_text("rest: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(env={}, config_path=str(cfg))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(env={}, config_path=str(tmp_path / "missing.yaml"))

@@ -1,0 +1,152 @@
+"""ipc.ring: framing, wrap-around, full rings, corruption, and a real second process."""
+
+from __future__ import annotations
+
+import multiprocessing
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipc import records
+from ipc.channel import EngineEnd, FrontEnd
+from ipc.ring import HEADER_SIZE, Ring, RingError, sweep_orphans
+
+
+def ident(view: memoryview) -> bytes:
+    return bytes(view)
+
+
+@pytest.fixture
+def ring():
+    r = Ring.create("test", 4096)
+    yield r
+    r.unlink()
+    r.close()
+
+
+def test_round_trip_and_empty(ring: Ring) -> None:
+    assert ring.pop(ident) is None
+    assert ring.try_write(b"hello")
+    assert ring.try_write(b"")
+    assert ring.pop(ident) == b"hello"
+    assert ring.pop(ident) == b""
+    assert ring.pop(ident) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=1000), min_size=1, max_size=80))
+def test_random_sizes_wrap_and_fill(sizes: list[bytes]) -> None:
+    ring = Ring.create("prop", 4096)
+    try:
+        pending: list[bytes] = []
+        for payload in sizes:
+            while not ring.try_write(payload):
+                assert pending, "an empty ring must accept any record within the limit"
+                assert ring.pop(ident) == pending.pop(0)
+            pending.append(payload)
+        while pending:
+            assert ring.pop(ident) == pending.pop(0)
+        assert ring.pop(ident) is None
+    finally:
+        ring.unlink()
+        ring.close()
+
+
+def test_full_ring_refuses_then_accepts(ring: Ring) -> None:
+    n = 0
+    while ring.try_write(b"x" * 500):
+        n += 1
+    assert n == 4096 // 512
+    assert ring.pop(ident) == b"x" * 500
+    assert ring.try_write(b"y" * 500)
+
+
+def test_oversized_record_is_an_error(ring: Ring) -> None:
+    with pytest.raises(ValueError):
+        ring.try_write(b"x" * 2000)
+
+
+def test_attach_checks_nonce_and_header(ring: Ring) -> None:
+    with pytest.raises(RingError, match="stale"):
+        Ring.attach(ring.name, ring.nonce ^ 1)
+    other = Ring.attach(ring.name, ring.nonce)
+    other.close()
+    ring._buf[0:8] = b"garbage!"
+    with pytest.raises(RingError, match="bad ring header"):
+        Ring.attach(ring.name, ring.nonce)
+
+
+def test_corrupt_frame_is_a_typed_error(ring: Ring) -> None:
+    assert ring.try_write(b"abc")
+    struct.pack_into("<II", ring._buf, HEADER_SIZE, 10_000, 1)
+    with pytest.raises(RingError, match="corrupt frame"):
+        ring.pop(ident)
+
+
+def test_attach_missing_name() -> None:
+    with pytest.raises(RingError, match="does not exist"):
+        Ring.attach("/axs.1.nothere.req", 0)
+
+
+def _echo_engine(spec) -> None:  # type: ignore[no-untyped-def]
+    end = EngineEnd(spec)
+    try:
+        while True:
+            end.wait(5)
+            while (rec := end.recv()) is not None:
+                if isinstance(rec, records.Shutdown):
+                    return
+                assert isinstance(rec, records.Submit)
+                end.send(records.Step((records.Delta(rec.rid, rec.prompt or "", 1),)))
+    finally:
+        end.close()
+
+
+def test_channel_across_processes() -> None:
+    front = FrontEnd.create(1 << 16, 1 << 16)
+    proc = multiprocessing.get_context("spawn").Process(target=_echo_engine, args=(front.spec,))
+    proc.start()
+    try:
+        params = records.SamplingParams(max_tokens=1)
+        got: list[str] = []
+        import select
+
+        def drain() -> None:
+            front.to_front.drain()
+            while (rec := front.recv()) is not None:
+                assert isinstance(rec, records.Step)
+                got.extend(d.text for d in rec.deltas)
+
+        for i in range(2000):
+            # Like the real front: keep reading events while waiting for request-ring room.
+            while not front.try_send(records.Submit(rid=i, params=params, prompt=f"p{i}" * (i % 50))):
+                drain()
+        while len(got) < 2000:
+            select.select([front.fileno()], [], [], 5)
+            drain()
+        assert got == [f"p{i}" * (i % 50) for i in range(2000)]
+        assert front.try_send(records.Shutdown())
+        proc.join(10)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        front.close()
+
+
+def test_sweep_removes_names_of_dead_owners() -> None:
+    import posix_ipc
+
+    dead_pid = 2**22 + 12345  # above pid_max on common systems: never alive
+    name = f"/axs.{dead_pid}.deadbeef.req"
+    posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=4096).close_fd()
+    mine = Ring.create("live", 4096)
+    try:
+        removed = sweep_orphans()
+        assert name[1:] in removed
+        assert mine.name[1:] not in removed
+    finally:
+        mine.unlink()
+        mine.close()

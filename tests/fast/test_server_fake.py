@@ -1,0 +1,164 @@
+"""The real `axserving run` (Granian, spawned engine process, shared-memory rings) on the fake
+backend: streaming through the openai client, engine crash mid-stream, shutdown, auth refusal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.server import AXSERVING, REPO, run_server, shm_names, stop
+
+
+def client(server) -> openai.OpenAI:  # type: ignore[no-untyped-def]
+    return openai.OpenAI(base_url=server.v1, api_key=server.api_key, max_retries=0, timeout=30)
+
+
+def test_stream_and_non_stream_over_real_server(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--backend", "fake") as server:
+        oai = client(server)
+        r = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "red green blue"}])
+        assert r.choices[0].message.content == "red green blue "
+        assert r.choices[0].finish_reason == "stop" and r.usage and r.usage.completion_tokens == 3
+        chunks = list(
+            oai.chat.completions.create(
+                model="default", stream=True, stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": " ".join(f"w{i}" for i in range(50))}],
+            )
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "".join(f"w{i} " for i in range(50))
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 50
+
+
+def test_engine_sigkill_mid_stream(tmp_path: Path) -> None:
+    """The stream ends with an error frame, the API keeps answering, the engine comes back."""
+    before = shm_names()
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=20") as server:
+        oai = client(server)
+        pid = server.engine_pid()
+        assert pid
+        stream = oai.chat.completions.create(
+            model="default", stream=True,
+            messages=[{"role": "user", "content": " ".join(["tok"] * 500)}],
+        )
+        got = []
+        with pytest.raises(openai.APIError) as info:
+            for chunk in stream:
+                got.append(chunk)
+                if len(got) == 5:
+                    os.kill(pid, signal.SIGKILL)
+        assert "engine" in str(info.value.message).lower()
+        assert 5 <= len(got) < 100
+        # The API never went away, and health says what is going on.
+        assert httpx.get(server.url + "/livez").status_code == 200
+        new_pid = server.wait_ready(20, previous_pid=pid)
+        assert new_pid != pid
+        h = server.health()
+        assert h["models"][0]["engine"]["restarts"] == 1 and h["status"] == "ok"
+        r = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "after crash"}])
+        assert r.choices[0].message.content == "after crash "
+        assert shm_names() - before == set()
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'axs_engine_restarts_total{model="default"} 1.0' in metrics
+
+
+def test_engine_crash_non_streaming_is_503(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--backend", "fake") as server:
+        r = httpx.post(
+            server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
+            json={"model": "default", "messages": [{"role": "user", "content": "x [[crash]] y z"}]},
+        )
+        assert r.status_code == 503, r.text
+        e = r.json()["error"]
+        assert e["type"] == "engine_unavailable" and e["code"] == "engine_unavailable"
+        server.wait_ready(20)
+        r = httpx.post(
+            server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
+            json={"model": "default", "messages": [{"role": "user", "content": "fine"}]},
+        )
+        assert r.status_code == 200
+
+
+def test_raw_sse_error_frame_then_done(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--backend", "fake") as server:
+        with httpx.stream(
+            "POST", server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
+            json={"model": "default", "stream": True, "messages": [{"role": "user", "content": "a [[crash]] b c"}]},
+        ) as r:
+            assert r.status_code == 200
+            frames = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert frames[-1] == "[DONE]"
+        assert '"engine_unavailable"' in frames[-2]
+
+
+def test_client_disconnect_aborts_generation(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=10") as server:
+        with httpx.stream(
+            "POST", server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
+            json={"model": "default", "stream": True, "messages": [{"role": "user", "content": " ".join(["z"] * 2000)}]},
+        ) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 5:
+                    break
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            status = httpx.get(server.v1 + "/admin/status", headers=server.headers()).json()
+            if status["inflight"] == 0:
+                break
+            time.sleep(0.05)
+        assert status["inflight"] == 0
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'status="499"' in metrics
+
+
+def test_sigterm_and_sigint_leave_nothing(tmp_path: Path) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        before = shm_names()
+        with run_server(tmp_path, "--backend", "fake") as server:
+            engine = server.engine_pid()
+            server.proc.send_signal(sig)
+            assert server.proc.wait(20) == 0, server.log()
+            assert stop(server) == 0
+        assert engine is not None
+        with pytest.raises(ProcessLookupError):
+            os.kill(engine, 0)
+        assert shm_names() - before == set()
+
+
+def test_refuses_to_start_without_auth(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AXS_")}
+    r = subprocess.run([*AXSERVING, "run", "--backend", "fake"], env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "AXS_API_KEY" in r.stderr and "AXS_ALLOW_NO_AUTH" in r.stderr
+
+
+def test_bad_config_value_names_key(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AXS_")}
+    env.update(AXS_ALLOW_NO_AUTH="true", AXS_SCHED_MAX_INFLIGHT="zero")
+    r = subprocess.run([*AXSERVING, "run", "--backend", "fake"], env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "scheduler.max_inflight" in r.stderr and "'zero'" in r.stderr and "AXS_SCHED_MAX_INFLIGHT" in r.stderr
+
+
+def test_no_auth_mode_serves(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--backend", "fake", api_key=None) as server:
+        r = httpx.get(server.v1 + "/models")
+        assert r.status_code == 200
+
+
+def test_missing_model_file_is_clear(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AXS_")}
+    env["AXS_ALLOW_NO_AUTH"] = "true"
+    r = subprocess.run(
+        [*AXSERVING, "run", "--model", str(tmp_path / "none.gguf")], env=env, cwd=REPO,
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 2 and "no such file" in r.stderr
