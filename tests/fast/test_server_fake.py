@@ -162,3 +162,62 @@ def test_missing_model_file_is_clear(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_non_streaming_disconnect_aborts(tmp_path: Path) -> None:
+    """A client that hangs up on a non-streaming request frees the engine at once."""
+    import socket
+
+    import orjson
+
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=10") as server:
+        body = orjson.dumps({"model": "default", "messages": [{"role": "user", "content": " ".join(["z"] * 3000)}]})
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {server.api_key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            time.sleep(0.5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if httpx.get(server.v1 + "/admin/status", headers=server.headers()).json()["inflight"] == 0:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the abandoned request kept running")
+        assert 'status="499"' in httpx.get(server.url + "/metrics").text
+
+
+def test_request_timeout(tmp_path: Path) -> None:
+    env = {"AXS_REQUEST_TIMEOUT_SECS": "1"}
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=20", env=env) as server:
+        long = " ".join(["w"] * 500)
+        r = httpx.post(server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
+                       json={"model": "default", "messages": [{"role": "user", "content": long}]})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        with httpx.stream("POST", server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
+                          json={"model": "default", "stream": True,
+                                "messages": [{"role": "user", "content": long}]}) as resp:
+            frames = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+        assert frames[-1] == "[DONE]" and '"timeout"' in frames[-2]
+        assert httpx.get(server.v1 + "/admin/status", headers=server.headers()).json()["inflight"] == 0
+
+
+def test_engine_that_cannot_load_ends_failed(tmp_path: Path) -> None:
+    env = {"AXS_ENGINE_MAX_RESTARTS": "2"}
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "fail_load=1", env=env,
+                    wait_ready=False) as server:
+        deadline = time.monotonic() + 20
+        while server.health()["models"][0]["engine"]["state"] != "failed":
+            assert time.monotonic() < deadline, server.health()
+            time.sleep(0.1)
+        h = server.health()
+        assert h["status"] == "degraded" and h["ready"] is False
+        assert "model load failed" in h["models"][0]["engine"]["last_error"]
+        assert h["models"][0]["engine"]["restarts"] == 2
+        assert httpx.get(server.url + "/readyz").status_code == 503
+        r = httpx.post(server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
+                       json={"model": "default", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "engine_unavailable"

@@ -1,7 +1,7 @@
 """LlamaCppBackend on a real GGUF model, driven directly (no engine process, no HTTP).
 
-The model comes from ``AXS_TEST_MODEL`` (a chat model with a template in its GGUF metadata,
-e.g. SmolLM2-135M-Instruct). The expectations are about the backend, not the model's wisdom,
+The model is the packaged default, SmolLM2-135M-Instruct (``default_model`` fixture, or
+``AXS_TEST_MODEL`` to point at another GGUF chat model with a template in its metadata). The expectations are about the backend, not the model's wisdom,
 except the one easy question a 135M instruct model answers at temperature 0.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,10 +27,8 @@ STORY = "Write a long story about a dragon who lives in a cave."
 
 
 @pytest.fixture(scope="module")
-def loaded() -> Iterator[tuple[LlamaCppBackend, ModelInfo]]:
-    path = os.environ.get("AXS_TEST_MODEL")
-    if not path:
-        pytest.skip("AXS_TEST_MODEL is not set: it must name a GGUF chat model file")
+def loaded(default_model: Path) -> Iterator[tuple[LlamaCppBackend, ModelInfo]]:
+    path = os.environ.get("AXS_TEST_MODEL") or str(default_model)
     # n_batch below the long prompts' length, so prefill takes several llama_decode chunks.
     b = LlamaCppBackend(BackendConfig(model_path=path, n_ctx=N_CTX, n_threads=2, n_batch=256))
     info = b.load()
