@@ -12,6 +12,7 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from axserving.errors import AuthenticationFailed, error_body
+from axserving.middleware import scope_header
 
 OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/metrics"})
 
@@ -32,11 +33,7 @@ class BearerAuthMiddleware:
         if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        header = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                header = value
-                break
+        header = scope_header(scope, b"authorization")
         scheme, _, token = header.partition(b" ")
         if not header:
             err = AuthenticationFailed(

@@ -12,6 +12,14 @@ _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 _STATIC = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
 
 
+def scope_header(scope: Scope, name: bytes) -> bytes:
+    """The first value of a request header (``name`` lower-case), or b""."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return b""
+
+
 class ResponseHeadersMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -20,11 +28,7 @@ class ResponseHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = b""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                request_id = value
-                break
+        request_id = scope_header(scope, b"x-request-id")
         if not _SAFE_ID.match(request_id):
             request_id = uuid.uuid4().hex.encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -22,6 +22,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 class Shape:
     """How one endpoint names and nests its output. Subclassed per endpoint."""
 
+    id_prefix: ClassVar[str] = "x"
+    chunk_object: ClassVar[str] = ""
+
     model: str
     include_usage: bool = False
     id: str = ""
@@ -30,10 +33,14 @@ class Shape:
     def __post_init__(self) -> None:
         self.id = self.id or f"{self.id_prefix}-{uuid.uuid4().hex}"
 
-    id_prefix = "x"
-
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def _with_usage_field(self, body: dict[str, Any]) -> dict[str, Any]:
+        # OpenAI: with include_usage, every chunk carries "usage": null until the final one.
+        if self.include_usage:
+            body["usage"] = None
+        return body
 
     def sse(self, payload: dict[str, Any]) -> str:
         return orjson.dumps(payload).decode()
@@ -42,13 +49,6 @@ class Shape:
         body = self._envelope(self.chunk_object, [])
         body["usage"] = usage(prompt_tokens, completion_tokens)
         return self.sse(body)
-
-    chunk_object = ""
-
-    def _with_usage_field(self, body: dict[str, Any]) -> dict[str, Any]:
-        if self.include_usage:
-            body["usage"] = None
-        return body
 
 
 class ChatShape(Shape):

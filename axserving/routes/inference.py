@@ -1,6 +1,12 @@
-"""POST /v1/chat/completions and POST /v1/completions."""
+"""POST /v1/chat/completions and POST /v1/completions.
+
+The two differ only in how the body becomes an engine ``Submit`` and in their output shape;
+everything after that is :func:`axserving.generation.generate`.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -10,42 +16,46 @@ from axserving.errors import ServiceUnavailable
 from axserving.generation import Job, generate
 from axserving.responses import ChatShape, CompletionShape
 from axserving.state import app_state
-from ipc.records import Submit
+from ipc.records import SamplingParams, Submit
 
 
-async def _body(request: Request) -> bytes:
-    if app_state(request).shutting_down:
+def _chat_submit(req: protocol.ChatCompletionRequest, params: SamplingParams) -> Callable[[int], Submit]:
+    messages = protocol.chat_messages(req)
+    return lambda rid: Submit(rid=rid, params=params, messages=messages)
+
+
+def _completion_submit(req: protocol.CompletionRequest, params: SamplingParams) -> Callable[[int], Submit]:
+    prompt = protocol.completion_prompt(req)
+    return lambda rid: Submit(rid=rid, params=params, prompt=prompt)
+
+
+async def _serve(
+    request: Request,
+    endpoint: str,
+    kind: type[protocol.R],
+    shape: type[ChatShape] | type[CompletionShape],
+    submit: Callable[[protocol.R, SamplingParams], Callable[[int], Submit]],
+) -> Response:
+    state = app_state(request)
+    if state.shutting_down:
         raise ServiceUnavailable("the server is shutting down")
-    return await request.body()
+    req = protocol.parse(await request.body(), kind)
+    params = protocol.sampling_params(req, state.settings.scheduler.default_max_tokens)
+    build = submit(req, params)
+    entry = state.registry.get(req.model)
+    job = Job(
+        endpoint=endpoint,
+        entry=entry,
+        shape=shape(model=req.model, include_usage=protocol.include_usage(req)),
+        stream=req.stream,
+        build=build,
+    )
+    return await generate(request, state, job)
 
 
 async def chat_completions(request: Request) -> Response:
-    state = app_state(request)
-    req = protocol.parse(await _body(request), protocol.ChatCompletionRequest)
-    params = protocol.sampling_params(req, state.settings.scheduler.default_max_tokens)
-    messages = protocol.chat_messages(req)
-    entry = state.registry.get(req.model)
-    job = Job(
-        endpoint="chat",
-        entry=entry,
-        shape=ChatShape(model=req.model, include_usage=protocol.include_usage(req)),
-        stream=req.stream,
-        build=lambda rid: Submit(rid=rid, params=params, messages=messages),
-    )
-    return await generate(request, state, job)
+    return await _serve(request, "chat", protocol.ChatCompletionRequest, ChatShape, _chat_submit)
 
 
 async def completions(request: Request) -> Response:
-    state = app_state(request)
-    req = protocol.parse(await _body(request), protocol.CompletionRequest)
-    params = protocol.sampling_params(req, state.settings.scheduler.default_max_tokens)
-    prompt = protocol.completion_prompt(req)
-    entry = state.registry.get(req.model)
-    job = Job(
-        endpoint="completions",
-        entry=entry,
-        shape=CompletionShape(model=req.model, include_usage=protocol.include_usage(req)),
-        stream=req.stream,
-        build=lambda rid: Submit(rid=rid, params=params, prompt=prompt),
-    )
-    return await generate(request, state, job)
+    return await _serve(request, "completions", protocol.CompletionRequest, CompletionShape, _completion_submit)
