@@ -18,10 +18,11 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine_proc.backends.base import Backend, ModelInfo, RequestRejected
-from ipc.records import Delta, Submit
+from engine_proc.backends.detok import DetokStream
+from ipc.records import Delta, FinishReason, Submit
 
 
 @dataclass
@@ -29,11 +30,11 @@ class _Seq:
     rid: int
     words: list[str]
     max_tokens: int
-    stop: tuple[str, ...]
     prompt_tokens: int
     crash: bool
     error: bool
-    emitted: list[str] = field(default_factory=list)
+    text: DetokStream
+    produced: int = 0
 
 
 class FakeBackend(Backend):
@@ -66,10 +67,10 @@ class FakeBackend(Backend):
             request.rid,
             words,
             request.params.max_tokens,
-            request.params.stop,
             prompt_tokens,
             crash="[[crash]]" in source,
             error="[[error]]" in source,
+            text=DetokStream(request.params.stop),
         )
 
     def step(self) -> list[Delta]:
@@ -77,27 +78,22 @@ class FakeBackend(Backend):
             time.sleep(self._delay)
         deltas: list[Delta] = []
         for seq in list(self._seqs.values()):
-            if seq.crash and seq.emitted:
+            if seq.crash and seq.produced:
                 os.kill(os.getpid(), signal.SIGKILL)
-            if seq.error and seq.emitted:
+            if seq.error and seq.produced:
                 raise RuntimeError("fake backend told to fail a step")
-            word = seq.words[len(seq.emitted)]
-            seq.emitted.append(word)
-            n = len(seq.emitted)
-            finish = None
-            text = word
-            for stop in seq.stop:
-                joined = "".join(seq.emitted)
-                cut = joined.find(stop)
-                if cut >= 0:
-                    text = joined[:cut][len(joined) - len(word) :] if cut > len(joined) - len(word) else ""
-                    finish = "stop"
-                    break
-            if finish is None:
-                if n >= seq.max_tokens:
-                    finish = "length"
-                elif n >= len(seq.words):
-                    finish = "stop"
+            word = seq.words[seq.produced]
+            seq.produced += 1
+            n = seq.produced
+            finish: FinishReason | None = None
+            chunk = seq.text.feed(word.encode())
+            text = chunk.text
+            if chunk.stopped:
+                finish = "stop"
+            elif n >= seq.max_tokens:
+                finish, text = "length", text + seq.text.flush()
+            elif n >= len(seq.words):
+                finish, text = "stop", text + seq.text.flush()
             deltas.append(Delta(seq.rid, text, 1, finish, seq.prompt_tokens, n))
             if finish is not None:
                 del self._seqs[seq.rid]

@@ -243,3 +243,13 @@ def test_openai_client_sees_typed_errors(client: TestClient) -> None:
         good.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.UnprocessableEntityError):
         good.chat.completions.create(model="default", temperature=3, messages=[{"role": "user", "content": "x"}])
+
+
+def test_stop_string_split_across_tokens(oai: openai.OpenAI) -> None:
+    """The fake emits one word per token, so "two thr" spans two tokens: it must never show."""
+    chunks = oai.chat.completions.create(
+        model="default", stop=["o thr"], stream=True,
+        messages=[{"role": "user", "content": "one two three four"}],
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "one tw"
