@@ -77,6 +77,7 @@ class EngineSettings(msgspec.Struct, **_STRICT):
     restart_backoff_max_ms: NonNegative = 16_000
     request_ring_bytes: RingBytes = 4 << 20
     event_ring_bytes: RingBytes = 4 << 20
+    nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
 
 
 class AuthSettings(msgspec.Struct, **_STRICT):
@@ -120,6 +121,7 @@ ENV_KEYS: dict[str, str] = {
     "AXS_REQUEST_TIMEOUT_SECS": "scheduler.request_timeout_secs",
     "AXS_ENGINE_STARTUP_TIMEOUT_SECS": "engine.startup_timeout_secs",
     "AXS_ENGINE_MAX_RESTARTS": "engine.max_restarts",
+    "AXS_ENGINE_NICE": "engine.nice",
     "AXS_ALLOW_NO_AUTH": "auth.allow_no_auth",
     "AXS_LOG": "logging.level",
     "AXS_LOG_FORMAT": "logging.format",

@@ -33,6 +33,7 @@ class EngineSpec:
     channel: ChannelSpec
     front_pid: int
     log_level: str = "INFO"
+    nice: int = 0  # added to the engine's niceness: the front's short bursts then run first
 
 
 def _die_with_parent() -> None:
@@ -97,6 +98,8 @@ class EngineLoop:
 def engine_main(spec: EngineSpec) -> None:
     """Process target. Exit code 0 on a requested shutdown, 1 on a fatal error."""
     _die_with_parent()
+    if spec.nice:
+        os.nice(spec.nice)
     # Ctrl-C, `timeout` and systemd signal the whole process group; the engine's life belongs to
     # the front, which stops it in order (Shutdown record), or kills it, or dies (pdeathsig).
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -31,6 +31,7 @@ from engine_proc.backends.llama_cpp import LlamaCppBackend  # noqa: E402
 from ipc.records import ChatMessage, SamplingParams, Submit  # noqa: E402
 from tests.server import run_server  # noqa: E402
 
+SETTLE_S = 0.5
 PROMPT = "Write a detailed essay about the history of lighthouses and the people who kept them."
 
 
@@ -119,8 +120,13 @@ def main() -> None:
         measure_server(client, server.url, "perf-key", 8)  # warm-up: page in weights, JIT paths
         measure_engine(engine, 8, 0)
         for i in range(args.rounds):
+            # A pause before each path: llama.cpp's OpenMP workers spin for a while after their
+            # last step, and would otherwise steal the other path's cores.
+            time.sleep(SETTLE_S)
             results["server"].append(measure_server(client, server.url, "perf-key", args.tokens))
+            time.sleep(SETTLE_S)
             results["engine"].append(measure_engine(engine, args.tokens, i + 1))
+            time.sleep(SETTLE_S)
             # llama-cpp-python's high-level path stops at EOS (it has no ignore_eos); its tok/s
             # is still per generated token.
             results["llama_cpp"].append(measure_llama_cpp(llm, args.tokens))

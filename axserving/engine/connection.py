@@ -37,6 +37,7 @@ class EngineConnection:
         request_ring_bytes: int,
         event_ring_bytes: int,
         log_level: str,
+        nice: int = 0,
     ) -> None:
         self.model_id = model_id
         self.channel = FrontEnd.create(request_ring_bytes, event_ring_bytes)
@@ -47,6 +48,7 @@ class EngineConnection:
             channel=self.channel.spec,
             front_pid=os.getpid(),
             log_level=log_level.upper(),
+            nice=nice,
         )
         self.process: BaseProcess | None = None
         self.ready: asyncio.Future[records.Ready] = asyncio.get_running_loop().create_future()

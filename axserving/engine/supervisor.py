@@ -151,6 +151,7 @@ class EngineSupervisor:
                 self.settings.request_ring_bytes,
                 self.settings.event_ring_bytes,
                 self.log_level,
+                self.settings.nice,
             )
             conn.on_step = self.on_step
             conn.start()

@@ -221,3 +221,10 @@ def test_engine_that_cannot_load_ends_failed(tmp_path: Path) -> None:
         r = httpx.post(server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
                        json={"model": "default", "messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == 503 and r.json()["error"]["type"] == "engine_unavailable"
+
+
+def test_engine_runs_niced(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--backend", "fake", env={"AXS_ENGINE_NICE": "7"}) as server:
+        pid = server.engine_pid()
+        assert pid is not None
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
