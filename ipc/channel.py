@@ -81,6 +81,17 @@ class FrontEnd:
     def recv(self) -> records.ToFront | None:
         return self.evt.pop(self._decode)
 
+    def drain(self) -> list[records.ToFront]:
+        """Everything the engine has published; call when :meth:`fileno` is readable.
+
+        Raises :class:`~ipc.ring.RingError` if the ring is corrupt (treat as engine death).
+        """
+        self.to_front.drain()
+        out = []
+        while (record := self.evt.pop(self._decode)) is not None:
+            out.append(record)
+        return out
+
     def unlink(self) -> None:
         self.req.unlink()
         self.evt.unlink()

@@ -85,9 +85,8 @@ class EngineConnection:
     # ---- events ------------------------------------------------------------------------------
 
     def _on_events(self) -> None:
-        self.channel.to_front.drain()
         try:
-            while (record := self.channel.recv()) is not None:
+            for record in self.channel.drain():
                 self._dispatch(record)
         except RingError as e:
             # A corrupt ring means the engine cannot be trusted: treat it as dead.
