@@ -50,6 +50,7 @@ _STRICT = dict(frozen=True, forbid_unknown_fields=True)
 class RestSettings(msgspec.Struct, **_STRICT):
     host: str = "127.0.0.1"
     port: Port = 18080
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 << 20
 
 
 class ModelSettings(msgspec.Struct, **_STRICT):

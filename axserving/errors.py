@@ -49,6 +49,11 @@ class ContextLengthExceeded(InvalidRequest):
     default_code = "context_length_exceeded"
 
 
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    default_code = "request_too_large"
+
+
 class AuthenticationFailed(APIError):
     status = 401
     type = "authentication_error"

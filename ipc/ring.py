@@ -47,6 +47,10 @@ class RingFull(Exception):
     """Not enough free space for the record right now."""
 
 
+class RecordTooLarge(ValueError):
+    """The record can never fit this ring (larger than a quarter of it)."""
+
+
 def _align8(n: int) -> int:
     return (n + 7) & ~7
 
@@ -80,6 +84,9 @@ class Ring:
         name = ring_name(role)
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=HEADER_SIZE + capacity)
         try:
+            if hasattr(os, "posix_fallocate"):
+                # Reserve the pages now: a full /dev/shm fails here, not as SIGBUS mid-write.
+                os.posix_fallocate(shm.fd, 0, HEADER_SIZE + capacity)
             mm = mmap.mmap(shm.fd, shm.size)
         except BaseException:
             shm.close_fd()
@@ -144,7 +151,7 @@ class Ring:
         """Append one record; False when the ring has no room for it now."""
         n = len(payload)
         if n > self.max_record():
-            raise ValueError(f"record of {n} bytes exceeds ring limit {self.max_record()}")
+            raise RecordTooLarge(f"record of {n} bytes exceeds ring limit {self.max_record()}")
         need = _FRAME.size + _align8(n)
         w = self._u64[_W]
         free = self.capacity - (w - self._u64[_R])

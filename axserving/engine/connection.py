@@ -17,11 +17,17 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 from axserving.engine.stream import RequestStream
-from axserving.errors import APIError, EngineUnavailable, ServiceUnavailable, from_engine_failure
+from axserving.errors import (
+    APIError,
+    EngineUnavailable,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    from_engine_failure,
+)
 from engine_proc.main import EngineSpec, engine_main
 from ipc import records
 from ipc.channel import FrontEnd
-from ipc.ring import RingError
+from ipc.ring import RecordTooLarge, RingError
 
 log = logging.getLogger("axserving.engine")
 
@@ -145,7 +151,7 @@ class EngineConnection:
             raise EngineUnavailable("the model's engine is not running; retry shortly")
         rid = next(self._rids)
         record = build(rid)
-        while not self.channel.try_send(record):
+        while not self._try_send(record):
             if time.monotonic() > deadline:
                 raise ServiceUnavailable("the engine's request ring stayed full; try again later")
             await asyncio.sleep(_SEND_RETRY_S)
@@ -154,6 +160,14 @@ class EngineConnection:
         stream = RequestStream(rid, self._abort, deadline)
         self._streams[rid] = stream
         return stream
+
+    def _try_send(self, record: records.Submit) -> bool:
+        try:
+            return self.channel.try_send(record)
+        except RecordTooLarge as e:
+            raise PayloadTooLarge(
+                "the request is too large for the engine's request ring; shorten the prompt"
+            ) from e
 
     def _abort(self, rid: int) -> None:
         if self._streams.pop(rid, None) is None or self._closed:

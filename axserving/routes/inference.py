@@ -12,11 +12,26 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from axserving import protocol
-from axserving.errors import ServiceUnavailable
+from axserving.errors import PayloadTooLarge, ServiceUnavailable
 from axserving.generation import Job, generate
 from axserving.responses import ChatShape, CompletionShape
 from axserving.state import app_state
 from ipc.records import SamplingParams, Submit
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) past ``limit`` bytes without reading the rest into memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _chat_submit(req: protocol.ChatCompletionRequest, params: SamplingParams) -> Callable[[int], Submit]:
@@ -39,7 +54,7 @@ async def _serve(
     state = app_state(request)
     if state.shutting_down:
         raise ServiceUnavailable("the server is shutting down")
-    req = protocol.parse(await request.body(), kind)
+    req = protocol.parse(await read_body(request, state.settings.rest.max_body_bytes), kind)
     params = protocol.sampling_params(req, state.settings.scheduler.default_max_tokens)
     build = submit(req, params)
     entry = state.registry.get(req.model)

@@ -253,3 +253,14 @@ def test_stop_string_split_across_tokens(oai: openai.OpenAI) -> None:
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "one tw"
+
+
+def test_oversized_prompt_is_413_not_500(client: TestClient) -> None:
+    # Over a quarter of the 4 MiB request ring, under the 8 MiB body limit.
+    big = "x" * (2 << 20)
+    r = client.post(CHAT, json={"model": "default", "messages": [{"role": "user", "content": big}]})
+    assert r.status_code == 413, r.text
+    assert err(r)["code"] == "request_too_large"
+    r = client.post(CHAT, content=b"{" + b" " * (9 << 20) + b"}", headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert client.post(CHAT, json={"model": "default", "messages": [{"role": "user", "content": "ok"}]}).status_code == 200
