@@ -79,6 +79,7 @@ class EngineSettings(msgspec.Struct, **_STRICT):
     request_ring_bytes: RingBytes = 4 << 20
     event_ring_bytes: RingBytes = 4 << 20
     nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+    heartbeat_timeout_secs: Annotated[float, msgspec.Meta(gt=0)] = 30.0
 
 
 class AuthSettings(msgspec.Struct, **_STRICT):
@@ -123,6 +124,7 @@ ENV_KEYS: dict[str, str] = {
     "AXS_ENGINE_STARTUP_TIMEOUT_SECS": "engine.startup_timeout_secs",
     "AXS_ENGINE_MAX_RESTARTS": "engine.max_restarts",
     "AXS_ENGINE_NICE": "engine.nice",
+    "AXS_ENGINE_HEARTBEAT_TIMEOUT_SECS": "engine.heartbeat_timeout_secs",
     "AXS_ALLOW_NO_AUTH": "auth.allow_no_auth",
     "AXS_LOG": "logging.level",
     "AXS_LOG_FORMAT": "logging.format",

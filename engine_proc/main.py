@@ -22,7 +22,7 @@ from ipc.channel import ChannelSpec, EngineEnd
 
 log = logging.getLogger("axserving.engine")
 
-IDLE_WAIT_S = 0.5  # how often an idle engine checks that its front is still there
+IDLE_WAIT_S = 0.25  # how often an idle engine beats and checks that its front is still there
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,9 @@ class EngineLoop:
 
     def run(self) -> None:
         channel, backend = self.channel, self.backend
+        backend.heartbeat = channel.beat
         while self.running:
+            channel.beat()
             while (record := channel.recv()) is not None:
                 self.handle(record)
                 if not self.running:

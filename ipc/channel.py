@@ -92,6 +92,9 @@ class FrontEnd:
             out.append(record)
         return out
 
+    def heartbeat_age(self) -> float:
+        return self.evt.heartbeat_age()
+
     def unlink(self) -> None:
         self.req.unlink()
         self.evt.unlink()
@@ -132,6 +135,10 @@ class EngineEnd:
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
         self.to_front.ring()
+
+    def beat(self) -> None:
+        """Tell the front this engine is alive (cheap: call it every step)."""
+        self.evt.beat()
 
     def wait(self, timeout: float) -> None:
         """Sleep until the front rings or ``timeout`` passes (returns early if data is waiting)."""

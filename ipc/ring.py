@@ -6,6 +6,7 @@ producer and the consumer never write the same cache line)::
     0    magic u64 | version u32 | header_size u32 | capacity u64 | nonce u64 | creator pid u64
     128  write counter u64   (producer only; monotonic byte count)
     256  read counter u64    (consumer only; monotonic byte count)
+    384  heartbeat u64       (producer only: its CLOCK_MONOTONIC ns, to tell a hung writer)
     512  data[capacity]      (capacity a power of two)
 
 A record is an 8-byte frame ``length u32 | kind u32`` followed by the payload, padded to 8 bytes.
@@ -21,6 +22,7 @@ import mmap
 import os
 import secrets
 import struct
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -33,6 +35,7 @@ _HEAD = struct.Struct("<QIIQQQ")
 _FRAME = struct.Struct("<II")
 _W = 128 // 8  # index of the write counter in the u64 view
 _R = 256 // 8
+_HB = 384 // 8
 KIND_DATA = 1
 KIND_PAD = 2
 NAME_PREFIX = "axs."
@@ -98,6 +101,7 @@ class Ring:
         ring = cls(name, mm, nonce, owner=True)
         ring._u64[_W] = 0
         ring._u64[_R] = 0
+        ring._u64[_HB] = time.monotonic_ns()
         return ring
 
     @classmethod
@@ -138,6 +142,16 @@ class Ring:
         for view in (self._u64, self._data, self._buf):
             view.release()
         self._mm.close()
+
+    # ---- heartbeat ---------------------------------------------------------------------------
+
+    def beat(self) -> None:
+        """Producer: I am alive (an aligned 8-byte store of CLOCK_MONOTONIC ns)."""
+        self._u64[_HB] = time.monotonic_ns()
+
+    def heartbeat_age(self) -> float:
+        """Seconds since the producer last called :meth:`beat` (CLOCK_MONOTONIC is system-wide)."""
+        return (time.monotonic_ns() - self._u64[_HB]) / 1e9
 
     # ---- producer ----------------------------------------------------------------------------
 

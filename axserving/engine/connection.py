@@ -65,6 +65,7 @@ class EngineConnection:
         self._loop = asyncio.get_running_loop()
         self._closed = False
         self.on_step: Callable[[records.Step], None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
 
     @property
     def pid(self) -> int | None:
@@ -140,6 +141,26 @@ class EngineConnection:
         if not self.died.done():
             self.died.set_result(code)
 
+    def watch_heartbeat(self, timeout: float) -> None:
+        """Kill the engine if its heartbeat gets older than ``timeout`` (SIGSTOP, a stuck call).
+
+        The kill goes through the ordinary death path: requests fail, the supervisor restarts.
+        """
+        interval = min(1.0, timeout / 4)
+
+        def check() -> None:
+            if self._closed or self.died.done():
+                return
+            age = self.channel.heartbeat_age()
+            if age > timeout:
+                self.fatal_message = f"engine hung: no heartbeat for {age:.1f}s (limit {timeout:g}s)"
+                log.error("model %s: %s; killing pid %s", self.model_id, self.fatal_message, self.pid)
+                self.kill()
+                return
+            self._watchdog = self._loop.call_later(interval, check)
+
+        self._watchdog = self._loop.call_later(interval, check)
+
     # ---- requests ----------------------------------------------------------------------------
 
     async def submit(
@@ -200,6 +221,8 @@ class EngineConnection:
         if self._closed:
             return
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         try:
             self._loop.remove_reader(self.channel.fileno())
         except (ValueError, OSError):

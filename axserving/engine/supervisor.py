@@ -172,6 +172,7 @@ class EngineSupervisor:
                     "model %s: engine pid %s ready (%s, n_ctx %d) in %.2fs",
                     self.model_id, conn.pid, self.info.backend, self.info.n_ctx, time.monotonic() - started,
                 )
+                conn.watch_heartbeat(self.settings.heartbeat_timeout_secs)
                 self._set_state(EngineState.ready)
             code = await conn.died
             if self._stopping:

@@ -10,9 +10,14 @@ sequence at a time and keep the others waiting; the loop does not care.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ipc.records import Delta, Submit
+
+
+def _nothing() -> None:
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +54,9 @@ class Backend(abc.ABC):
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
+        # Set by the engine loop: call between long stretches of work inside one step (prefill
+        # chunks), so the front's hang detection sees a slow step as alive.
+        self.heartbeat: Callable[[], None] = _nothing
 
     @abc.abstractmethod
     def load(self) -> ModelInfo:

@@ -262,6 +262,7 @@ class LlamaCppBackend(Backend):
             if rc != 0:
                 raise LlamaDecodeError(f"llama_decode returned {rc} (request {seq.rid})")
             seq.n_past += len(chunk)
+            self.heartbeat()
         return batch.n_tokens - 1
 
     def _advance(self, seq: _Sequence, token: int) -> Delta:

@@ -228,3 +228,44 @@ def test_engine_runs_niced(tmp_path: Path) -> None:
         pid = server.engine_pid()
         assert pid is not None
         assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+
+
+def test_hung_engine_is_detected_killed_and_restarted(tmp_path: Path) -> None:
+    """SIGSTOP stands for an engine stuck in a native call: the heartbeat goes stale."""
+    before = shm_names()
+    env = {"AXS_ENGINE_HEARTBEAT_TIMEOUT_SECS": "1"}
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=20", env=env) as server:
+        oai = client(server)
+        pid = server.engine_pid()
+        assert pid
+        stream = oai.chat.completions.create(
+            model="default", stream=True, messages=[{"role": "user", "content": " ".join(["tok"] * 500)}],
+        )
+        got = 0
+        stopped_at = None
+        with pytest.raises(openai.APIError) as info:
+            for _ in stream:
+                got += 1
+                if got == 3:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped_at = time.monotonic()
+        assert stopped_at is not None
+        detected_after = time.monotonic() - stopped_at
+        assert "hung" in str(info.value.message)
+        assert detected_after < 1 + 1.0 + 1.0, detected_after  # limit + check interval + slack
+        server.wait_ready(20, previous_pid=pid)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        assert "hung" in server.health()["models"][0]["engine"]["last_error"]
+        r = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "alive again"}])
+        assert r.choices[0].message.content == "alive again "
+        assert shm_names() - before == set()
+
+
+def test_idle_engine_is_not_mistaken_for_hung(tmp_path: Path) -> None:
+    env = {"AXS_ENGINE_HEARTBEAT_TIMEOUT_SECS": "1"}
+    with run_server(tmp_path, "--backend", "fake", env=env) as server:
+        pid = server.engine_pid()
+        time.sleep(3)
+        assert server.engine_pid() == pid
+        assert server.health()["models"][0]["engine"]["restarts"] == 0

@@ -134,3 +134,31 @@ def test_engine_sigkill_mid_stream_recovers(server: Server, oai: openai.OpenAI) 
     r = oai.chat.completions.create(model="default", messages=QUESTION, temperature=0, max_tokens=48)
     assert "paris" in (r.choices[0].message.content or "").lower()
     assert shm_names() - before == set()
+
+
+def test_engine_hung_with_sigstop_is_replaced(default_model: Path, tmp_path: Path) -> None:
+    """Issue 3: an engine hung with SIGSTOP is detected, killed and restarted; the next request
+    succeeds."""
+    before = shm_names()
+    env = {"AXS_ENGINE_HEARTBEAT_TIMEOUT_SECS": "3"}
+    with run_server(tmp_path, "--model", str(default_model), "--threads", "2", "--ctx-size", "2048",
+                    env=env, ready_timeout=180) as s:
+        oai = openai.OpenAI(base_url=s.v1, api_key=s.api_key, max_retries=0, timeout=120)
+        pid = s.engine_pid()
+        assert pid
+        stream = oai.chat.completions.create(
+            model="default", stream=True, max_tokens=400, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}],
+        )
+        got = 0
+        with pytest.raises(openai.APIError) as info:
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    got += 1
+                    if got == 3:
+                        os.kill(pid, signal.SIGSTOP)
+        assert "hung" in str(info.value.message)
+        s.wait_ready(120, previous_pid=pid)
+        r = oai.chat.completions.create(model="default", messages=QUESTION, temperature=0, max_tokens=48)
+        assert "paris" in (r.choices[0].message.content or "").lower()
+    assert shm_names() - before == set()
