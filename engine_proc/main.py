@@ -23,6 +23,7 @@ from ipc.channel import ChannelSpec, EngineEnd
 log = logging.getLogger("axserving.engine")
 
 IDLE_WAIT_S = 0.25  # how often an idle engine beats and checks that its front is still there
+PENDING_RETRY_S = 0.001  # how soon an idle engine retries events a full ring held back
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class EngineLoop:
         self.channel = channel
         self.backend = backend
         self.running = True
+        self._pending: dict[int, records.Delta] = {}  # deltas a full event ring held back
+        self.merged_steps = 0
 
     def front_alive(self) -> bool:
         return os.getppid() == self.spec.front_pid
@@ -77,24 +80,54 @@ class EngineLoop:
         elif isinstance(record, records.Shutdown):
             self.running = False
 
-    def run(self) -> None:
+    def publish(self, deltas: list[records.Delta]) -> None:
+        """Write this step's deltas, never waiting for the front while there is work to do.
+
+        When the event ring is full the deltas are merged per request into what is pending and
+        go out with a later step; the front sees fewer, larger records and loses nothing.
+        """
+        pending = self._pending
+        for d in deltas:
+            old = pending.get(d.rid)
+            pending[d.rid] = d if old is None else records.merge(old, d)
+        if not pending:
+            return
+        step = records.Step(tuple(pending.values()))
+        payload = records.encode(step)
+        if self.channel.try_send(payload):
+            pending.clear()
+            return
+        self.merged_steps += 1
+        if len(payload) > self.channel.max_record() // 2:
+            # The front has fallen very far behind: wait for it rather than grow the record
+            # past what the ring can carry.
+            self.send(step)
+            pending.clear()
+
+    def run_once(self) -> None:
+        """One turn of the loop: requests in, one backend step, events out (or sleep)."""
         channel, backend = self.channel, self.backend
-        backend.heartbeat = channel.beat
+        channel.beat()
+        while (record := channel.recv()) is not None:
+            self.handle(record)
+            if not self.running:
+                return
+        if backend.has_work():
+            self.publish(backend.step())
+        elif self._pending:
+            self.publish([])  # retry what a full ring held back
+            if self._pending:
+                channel.wait(PENDING_RETRY_S)
+        else:
+            channel.wait(IDLE_WAIT_S)
+            if not self.front_alive():
+                log.warning("front process is gone; engine exiting")
+                self.running = False
+
+    def run(self) -> None:
+        self.backend.heartbeat = self.channel.beat
         while self.running:
-            channel.beat()
-            while (record := channel.recv()) is not None:
-                self.handle(record)
-                if not self.running:
-                    return
-            if backend.has_work():
-                deltas = backend.step()
-                if deltas:
-                    self.send(records.Step(tuple(deltas)))
-            else:
-                channel.wait(IDLE_WAIT_S)
-                if not self.front_alive():
-                    log.warning("front process is gone; engine exiting")
-                    return
+            self.run_once()
 
 
 def engine_main(spec: EngineSpec) -> None:

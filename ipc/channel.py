@@ -125,6 +125,16 @@ class EngineEnd:
     def recv(self) -> records.ToEngine | None:
         return self.req.pop(self._decode)
 
+    def try_send(self, payload: bytes) -> bool:
+        """Write one encoded event if there is room now (never waits)."""
+        if not self.evt.try_write(payload):
+            return False
+        self.to_front.ring()
+        return True
+
+    def max_record(self) -> int:
+        return self.evt.max_record()
+
     def send(self, record: records.ToFront, alive: Callable[[], bool] = lambda: True) -> None:
         """Write one event, waiting for room while the front drains (it always does)."""
         payload = records.encode(record)

@@ -75,6 +75,18 @@ class Delta(msgspec.Struct, **_STRUCT):
     completion_tokens: int = 0  # running total
 
 
+def merge(older: Delta, newer: Delta) -> Delta:
+    """One delta saying what two consecutive deltas of the same request said."""
+    return Delta(
+        older.rid,
+        older.text + newer.text,
+        older.n_tokens + newer.n_tokens,
+        newer.finish_reason,
+        newer.prompt_tokens or older.prompt_tokens,
+        newer.completion_tokens,
+    )
+
+
 class Ready(msgspec.Struct, tag=10, **_STRUCT):
     pid: int
     backend: str
