@@ -75,7 +75,8 @@ class FrontEnd:
     def try_send(self, record: records.ToEngine) -> bool:
         if not self.req.try_write(records.encode(record)):
             return False
-        self.to_engine.ring()
+        if self.req.needs_wake():
+            self.to_engine.ring()
         return True
 
     def recv(self) -> records.ToFront | None:
@@ -87,10 +88,18 @@ class FrontEnd:
         Raises :class:`~ipc.ring.RingError` if the ring is corrupt (treat as engine death).
         """
         self.to_front.drain()
+        evt, decode = self.evt, self._decode
+        evt.wake_up()
         out = []
-        while (record := self.evt.pop(self._decode)) is not None:
-            out.append(record)
-        return out
+        while True:
+            while (record := evt.pop(decode)) is not None:
+                out.append(record)
+            if evt.prepare_sleep():
+                return out
+
+    def has_pending(self) -> bool:
+        """Events are waiting (the safety-net timer's question; normally the doorbell says it)."""
+        return self.evt.has_data()
 
     def heartbeat_age(self) -> float:
         return self.evt.heartbeat_age()
@@ -129,7 +138,8 @@ class EngineEnd:
         """Write one encoded event if there is room now (never waits)."""
         if not self.evt.try_write(payload):
             return False
-        self.to_front.ring()
+        if self.evt.needs_wake():
+            self.to_front.ring()
         return True
 
     def max_record(self) -> int:
@@ -144,7 +154,8 @@ class EngineEnd:
                 raise RingError("front is gone")
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
-        self.to_front.ring()
+        if self.evt.needs_wake():
+            self.to_front.ring()
 
     def beat(self) -> None:
         """Tell the front this engine is alive (cheap: call it every step)."""
@@ -153,9 +164,10 @@ class EngineEnd:
     def wait(self, timeout: float) -> None:
         """Sleep until the front rings or ``timeout`` passes (returns early if data is waiting)."""
         self.to_engine.drain()
-        if self.req.has_data():
+        if not self.req.prepare_sleep():
             return
         select.select([self.to_engine.fileno()], [], [], timeout)
+        self.req.wake_up()
 
     def close(self) -> None:
         self.req.close()

@@ -6,6 +6,7 @@ producer and the consumer never write the same cache line)::
     0    magic u64 | version u32 | header_size u32 | capacity u64 | nonce u64 | creator pid u64
     128  write counter u64   (producer only; monotonic byte count)
     256  read counter u64    (consumer only; monotonic byte count)
+    264  sleeping u64        (consumer only: 1 while it is, or is about to be, asleep)
     384  heartbeat u64       (producer only: its CLOCK_MONOTONIC ns, to tell a hung writer)
     512  data[capacity]      (capacity a power of two)
 
@@ -14,6 +15,11 @@ When a record does not fit before the end of the data area, a pad frame fills th
 record starts again at offset 0, so every payload is one contiguous slice that can be decoded in
 place. The producer writes payload and frame first and publishes by storing the write counter
 (an aligned 8-byte store); a writer that dies mid-record therefore leaves nothing visible.
+
+Wake-ups: a consumer about to block sets ``sleeping``, fences, and looks once more for data
+(:meth:`Ring.prepare_sleep`); a producer publishes, fences, and rings the doorbell only if the
+consumer said it sleeps (:meth:`Ring.needs_wake`). With a full fence on both sides at least one
+of them sees the other's store, so no wake-up is lost (see :mod:`ipc.fences`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import TypeVar
 
 import posix_ipc
 
+from ipc import fences
+
 MAGIC = 0x41585352494E4731  # "AXSRING1"
 VERSION = 1
 HEADER_SIZE = 512
@@ -35,6 +43,7 @@ _HEAD = struct.Struct("<QIIQQQ")
 _FRAME = struct.Struct("<II")
 _W = 128 // 8  # index of the write counter in the u64 view
 _R = 256 // 8
+_SLEEP = 264 // 8
 _HB = 384 // 8
 KIND_DATA = 1
 KIND_PAD = 2
@@ -101,6 +110,7 @@ class Ring:
         ring = cls(name, mm, nonce, owner=True)
         ring._u64[_W] = 0
         ring._u64[_R] = 0
+        ring._u64[_SLEEP] = 1  # the consumer has not started: wake it for the first record
         ring._u64[_HB] = time.monotonic_ns()
         return ring
 
@@ -153,6 +163,28 @@ class Ring:
         """Seconds since the producer last called :meth:`beat` (CLOCK_MONOTONIC is system-wide)."""
         return (time.monotonic_ns() - self._u64[_HB]) / 1e9
 
+    # ---- wake-up handshake -------------------------------------------------------------------
+
+    def needs_wake(self) -> bool:
+        """Producer, after publishing: must the doorbell ring?"""
+        if not fences.HANDSHAKE:
+            return True
+        fences.full()  # the counter store above must be visible before the flag is read
+        return self._u64[_SLEEP] != 0
+
+    def prepare_sleep(self) -> bool:
+        """Consumer, before blocking: True if it may sleep (it said so and nothing is waiting)."""
+        self._u64[_SLEEP] = 1
+        fences.full()  # the flag store must be visible before the counter is read
+        if self.has_data():
+            self._u64[_SLEEP] = 0
+            return False
+        return True
+
+    def wake_up(self) -> None:
+        """Consumer: awake and draining; producers need not ring."""
+        self._u64[_SLEEP] = 0
+
     # ---- producer ----------------------------------------------------------------------------
 
     def free_space(self) -> int:
@@ -180,6 +212,7 @@ class Ring:
             pos = 0
         data[pos + _FRAME.size : pos + _FRAME.size + n] = payload
         _FRAME.pack_into(data, pos, n, KIND_DATA)
+        fences.release()  # payload and frame before the counter that publishes them
         self._u64[_W] = w + pad + need  # publish
         return True
 
@@ -188,6 +221,9 @@ class Ring:
     def has_data(self) -> bool:
         return self._u64[_W] != self._u64[_R]
 
+    def consumer_sleeping(self) -> bool:
+        return self._u64[_SLEEP] != 0
+
     def pop(self, decode: Callable[[memoryview], T]) -> T | None:
         """Decode the next record in place and consume it; None when the ring is empty.
 
@@ -195,6 +231,7 @@ class Ring:
         """
         r = self._u64[_R]
         w = self._u64[_W]
+        fences.acquire()  # the counter before the payload it publishes
         while r != w:
             if w - r > self.capacity:
                 raise RingError(f"{self.name}: counters out of range (w={w}, r={r})")
@@ -212,6 +249,7 @@ class Ring:
                 record = decode(view)
             finally:
                 view.release()
+            fences.release()  # done reading before the producer may reuse the space
             self._u64[_R] = r + size
             return record
         return None

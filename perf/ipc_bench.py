@@ -42,6 +42,7 @@ import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
+from importlib import metadata
 from multiprocessing import reduction
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -113,30 +114,15 @@ class Link(Protocol):
 class Peer(Protocol):
     """What the front hands its child (picklable); ``open`` runs in the child."""
 
-    def open(self, front_pid: int) -> Link: ...
-
-
-def _front_alive(front_pid: int) -> Callable[[], bool]:
-    return lambda: os.getppid() == front_pid
+    def open(self) -> Link: ...
 
 
 @dataclass(frozen=True)
 class RingPeer:
     spec: ChannelSpec
 
-    def open(self, front_pid: int) -> Link:
-        return _RingLink(EngineEnd(self.spec), _front_alive(front_pid))
-
-
-class _RingLink:
-    def __init__(self, end: EngineEnd, alive: Callable[[], bool]) -> None:
-        self.end, self.alive = end, alive
-
-    def send(self, record: records.ToFront) -> None:
-        self.end.send(record, self.alive)
-
-    def close(self) -> None:
-        self.end.close()
+    def open(self) -> EngineEnd:
+        return EngineEnd(self.spec)
 
 
 class _PassedFd:
@@ -155,41 +141,35 @@ def _rebuild_fd(dup: Any) -> _PassedFd:
 
 @dataclass(frozen=True)
 class PipePeer:
+    """Its own link. The engine's end stays blocking: a full pipe holds the engine back, as a full
+    ring does."""
+
     wfd: _PassedFd
 
-    def open(self, front_pid: int) -> Link:
-        return _PipeLink(self.wfd.fd)
-
-
-class _PipeLink:
-    # The engine's end stays blocking: a full pipe holds the engine back, as a full ring does.
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def open(self) -> PipePeer:
+        return self
 
     def send(self, record: records.ToFront) -> None:
         payload = records.encode(record)
         frame = _LEN.pack(len(payload)) + payload
-        written = os.write(self.fd, frame)
+        written = os.write(self.wfd.fd, frame)
         if written != len(frame):  # only for frames over PIPE_BUF
             view = memoryview(frame)[written:]
             while view:
-                view = view[os.write(self.fd, view):]
+                view = view[os.write(self.wfd.fd, view):]
 
     def close(self) -> None:
-        os.close(self.fd)
+        os.close(self.wfd.fd)
 
 
 @dataclass(frozen=True)
 class QueuePeer:
-    queue: Any  # multiprocessing.queues.Queue[bytes]
+    """Its own link."""
 
-    def open(self, front_pid: int) -> Link:
-        return _QueueLink(self.queue)
+    queue: Any  # multiprocessing.queues.Queue of encoded records
 
-
-class _QueueLink:
-    def __init__(self, q: Any) -> None:
-        self.queue = q
+    def open(self) -> QueuePeer:
+        return self
 
     def send(self, record: records.ToFront) -> None:
         self.queue.put(records.encode(record))
@@ -325,19 +305,20 @@ TRANSPORTS: dict[str, Callable[[], Front]] = {"ring": RingFront, "pipe": PipeFro
 
 
 def _child_setup() -> None:
-    # Ctrl-C reaches the whole process group; the front stops its children in order.
+    # Ctrl-C reaches the whole process group; the front stops its children in order. A front that
+    # dies takes its child with it, so nothing here waits on a front that is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):  # and a SIGKILLed front takes its child with it
+    if sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1
         ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def engine_steps(peer: Peer, job: Job, front_pid: int) -> None:
+def engine_steps(peer: Peer, job: Job) -> None:
     """Child: Ready, then ``job.steps`` steps; the first delta of each carries its send time."""
     _child_setup()
-    link = peer.open(front_pid)
+    link = peer.open()
     try:
         link.send(records.Ready(os.getpid(), "ipc-bench", 0))
         n = len(TEXTS)
@@ -351,24 +332,21 @@ def engine_steps(peer: Peer, job: Job, front_pid: int) -> None:
         link.close()
 
 
-def engine_pingpong(peer: RingPeer, timeout_s: float, front_pid: int) -> None:
+def engine_pingpong(peer: RingPeer, timeout_s: float) -> None:
     """Child: answer each Submit with one Step, sleeping on the doorbell (``end.wait``) between.
 
     Counts waits that ran their full timeout and then found a request waiting (a missed wake-up
     on this side) and reports the count in a final ``Failed`` record after ``Shutdown``.
     """
     _child_setup()
-    end = EngineEnd(peer.spec)
-    alive = _front_alive(front_pid)
+    end = peer.open()
     missed = 0
     slept_through = False
     try:
-        end.send(records.Ready(os.getpid(), "ipc-bench-pingpong", 0), alive)
+        end.send(records.Ready(os.getpid(), "ipc-bench-pingpong", 0))
         while True:
             record = end.recv()
             if record is None:
-                if not alive():
-                    return
                 t0 = time.monotonic()
                 end.wait(timeout_s)
                 slept_through = time.monotonic() - t0 >= timeout_s
@@ -378,8 +356,8 @@ def engine_pingpong(peer: RingPeer, timeout_s: float, front_pid: int) -> None:
             if isinstance(record, records.Shutdown):
                 break
             if isinstance(record, records.Submit):
-                end.send(records.Step((records.Delta(record.rid, "x", 1),)), alive)
-        end.send(records.Failed(-1, STATS_CODE, str(missed)), alive)
+                end.send(records.Step((records.Delta(record.rid, "x", 1),)))
+        end.send(records.Failed(-1, STATS_CODE, str(missed)))
     finally:
         end.close()
 
@@ -512,7 +490,7 @@ class PingPong:
         self._flagged = False  # this cycle is already counted as timed out
         self._t0_ns = 0
         self._watchdog: asyncio.TimerHandle | None = None
-        self.done.add_done_callback(lambda _: self._watchdog and self._watchdog.cancel())
+        self.done.add_done_callback(self._stop_watchdog)
 
     def feed(self, batch: list[records.ToFront]) -> None:
         for record in batch:
@@ -526,6 +504,10 @@ class PingPong:
                 self.engine_missed = int(record.message)
                 if not self.done.done():
                     self.done.set_result(None)
+
+    def _stop_watchdog(self, _: object) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
 
     def _send(self) -> None:
         self._rid += 1
@@ -558,7 +540,8 @@ class PingPong:
             try:
                 self.feed(self.channel.drain())
             except BenchError as e:
-                self.done.set_exception(e)
+                if not self.done.done():
+                    self.done.set_exception(e)
                 return
             if age_s >= 10 * self.timeout_s and not self.done.done():
                 self.done.set_exception(BenchError(f"request {self._rid}: no reply in {age_s:.0f} s"))
@@ -603,7 +586,7 @@ def spawned(target: Callable[..., None], *args: object) -> Iterator[BaseProcess]
 async def run_child(
     front: Front, target: Callable[..., None], arg: object, consumer: Consumer, timeout_s: float
 ) -> None:
-    """Run ``target(front.peer(), arg, front pid)`` in a child, feeding ``consumer`` on the loop
+    """Run ``target(front.peer(), arg)`` in a child, feeding ``consumer`` on the loop
     until ``consumer.done``; the child is stopped and ``front`` closed on every path."""
     loop = asyncio.get_running_loop()
     done = consumer.done
@@ -619,7 +602,7 @@ async def run_child(
             fail(e)
 
     try:
-        with spawned(target, front.peer(), arg, os.getpid()) as proc:
+        with spawned(target, front.peer(), arg) as proc:
             front.started()
 
             def on_exit() -> None:
@@ -630,7 +613,10 @@ async def run_child(
             loop.add_reader(front.fileno(), on_events)
             loop.add_reader(proc.sentinel, on_exit)
             try:
-                await asyncio.wait_for(done, timeout_s)
+                # Not wait_for: on 3.11 it swallows a cancellation (Ctrl-C) that lands in the
+                # loop iteration where ``done`` completes.
+                async with asyncio.timeout(timeout_s):
+                    await done
             except TimeoutError as e:
                 raise BenchError(f"{front.name}: no result within {timeout_s:.0f} s") from e
             finally:
@@ -644,7 +630,7 @@ def _job_timeout(job: Job) -> float:
     return START_TIMEOUT_S + job.steps * (job.gap_s + 20e-6 * job.seqs) * 10
 
 
-async def run_steps(name: str, job: Job, consumer: _Timed) -> None:
+async def run_steps(name: str, job: Job, consumer: Consumer) -> None:
     await run_child(TRANSPORTS[name](), engine_steps, job, consumer, _job_timeout(job))
 
 
@@ -781,7 +767,7 @@ def check_targets(cpu: Figures, pingpong: dict[str, float]) -> list[dict[str, An
 
 async def run_all(plan: Plan) -> dict[str, Any]:
     print(f"ipc_bench: {platform.python_implementation()} {platform.python_version()}, "
-          f"uvloop {uvloop.__version__}, {os.cpu_count()} CPUs; {plan}", flush=True)
+          f"uvloop {metadata.version('uvloop')}, {os.cpu_count()} CPUs; {plan}", flush=True)
     report: dict[str, Any] = {"plan": asdict(plan)}
     t0 = time.perf_counter()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import shm_names
+from tests.server import leaked, shm_names
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +19,7 @@ def no_shm_leaks() -> Iterator[None]:
     before = shm_names()
     yield
     deadline = time.monotonic() + 3
-    while (left := shm_names() - before) and time.monotonic() < deadline:
+    while (left := leaked(before)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not left, f"shared-memory names left behind: {sorted(left)}"
 

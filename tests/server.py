@@ -32,6 +32,32 @@ def shm_names() -> set[str]:
         return set()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def leaked(before: set[str], owners: set[int] = frozenset()) -> set[str]:  # type: ignore[assignment]
+    """Ring names created since ``before`` that are ours to answer for: owned by this process,
+    by one of ``owners``, or by a process that is gone. (Names of other live processes on the
+    machine, such as a benchmark running beside the tests, are not.)"""
+    out = set()
+    for name in shm_names() - before:
+        try:
+            pid = int(name.split(".")[1])
+        except (IndexError, ValueError):
+            out.add(name)
+            continue
+        if pid == os.getpid() or pid in owners or not _alive(pid):
+            out.add(name)
+    return out
+
+
 @dataclass
 class Server:
     url: str
@@ -51,6 +77,9 @@ class Server:
 
     def health(self) -> dict:  # type: ignore[type-arg]
         return httpx.get(self.url + "/health", timeout=5).json()
+
+    def group_pids(self) -> set[int]:
+        return {int(m.split()[0]) for m in _group_members(self.proc.pid)}
 
     def engine_pid(self) -> int | None:
         return self.health()["models"][0]["engine"]["pid"]

@@ -32,6 +32,7 @@ from ipc.ring import RecordTooLarge, RingError
 log = logging.getLogger("axserving.engine")
 
 _SEND_RETRY_S = 0.002
+_SAFETY_DRAIN_S = 0.2  # re-check the event ring this often, in case a wake-up was ever lost
 
 
 class EngineConnection:
@@ -66,6 +67,8 @@ class EngineConnection:
         self._closed = False
         self.on_step: Callable[[records.Step], None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._safety: asyncio.TimerHandle | None = None
+        self.safety_drains = 0
 
     @property
     def pid(self) -> int | None:
@@ -88,6 +91,7 @@ class EngineConnection:
             raise
         self._loop.add_reader(self.channel.fileno(), self._on_events)
         self._loop.add_reader(self.process.sentinel, self._on_exit)
+        self._safety = self._loop.call_later(_SAFETY_DRAIN_S, self._safety_drain)
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -100,6 +104,16 @@ class EngineConnection:
             log.error("engine %s: %s; killing it", self.model_id, e)
             self.fatal_message = str(e)
             self.kill()
+
+    def _safety_drain(self) -> None:
+        if self._closed:
+            return
+        if self.channel.has_pending():
+            # Normally the doorbell's callback got there first; finding events here means it
+            # has not run yet, or a wake-up was lost. Either way, deliver them now.
+            self.safety_drains += 1
+            self._on_events()
+        self._safety = self._loop.call_later(_SAFETY_DRAIN_S, self._safety_drain)
 
     def _dispatch(self, record: records.ToFront) -> None:
         if isinstance(record, records.Step):
@@ -132,7 +146,12 @@ class EngineConnection:
         self._on_events()
         self.process.join(0)
         code = self.process.exitcode
-        reason = self.fatal_message or f"engine process exited with code {code}"
+        if code is None:
+            # The sentinel closes while the child is still exiting, a moment before it can be
+            # reaped: collect it shortly so no zombie is left behind.
+            self._loop.call_later(0.01, self._reap, 100)
+        exited = f"engine process exited with code {code}" if code is not None else "engine process died"
+        reason = self.fatal_message or exited
         self.fail_all(EngineUnavailable(f"the model's engine stopped ({reason}); retry shortly"))
         self._close_channel()
         if not self.ready.done():
@@ -160,6 +179,12 @@ class EngineConnection:
             self._watchdog = self._loop.call_later(interval, check)
 
         self._watchdog = self._loop.call_later(interval, check)
+
+    def _reap(self, tries: int) -> None:
+        assert self.process is not None
+        self.process.join(0)
+        if self.process.exitcode is None and tries > 0:
+            self._loop.call_later(0.01, self._reap, tries - 1)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -221,8 +246,9 @@ class EngineConnection:
         if self._closed:
             return
         self._closed = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for timer in (self._watchdog, self._safety):
+            if timer is not None:
+                timer.cancel()
         try:
             self._loop.remove_reader(self.channel.fileno())
         except (ValueError, OSError):

@@ -150,3 +150,67 @@ def test_sweep_removes_names_of_dead_owners() -> None:
     finally:
         mine.unlink()
         mine.close()
+
+
+def test_sleep_handshake_flags(ring: Ring) -> None:
+    from ipc import fences
+
+    assert fences.HANDSHAKE, "the ipc._fence extension should be built by the install"
+    assert ring.consumer_sleeping()  # a consumer that never ran must be woken
+    ring.wake_up()
+    assert ring.try_write(b"a")
+    assert not ring.needs_wake()  # awake consumer: no doorbell
+    assert not ring.prepare_sleep()  # data is waiting: it must not sleep
+    assert not ring.consumer_sleeping()
+    assert ring.pop(ident) == b"a"
+    assert ring.prepare_sleep()
+    assert ring.try_write(b"b")
+    assert ring.needs_wake()
+
+
+def _pingpong_engine(spec, cycles: int) -> None:  # type: ignore[no-untyped-def]
+    end = EngineEnd(spec)
+    try:
+        done = 0
+        while done < cycles:
+            rec = end.recv()
+            if rec is None:
+                end.wait(5)
+                continue
+            assert isinstance(rec, records.Submit)
+            end.send(records.Step((records.Delta(rec.rid, "", 1),)))
+            done += 1
+    finally:
+        end.close()
+
+
+def test_no_lost_wakeups_in_sleep_wake_cycles() -> None:
+    """Both sides sleep between every record: a lost wake-up would stall a cycle for seconds."""
+    import select
+    import time
+
+    cycles = 3000
+    front = FrontEnd.create(1 << 16, 1 << 16)
+    proc = multiprocessing.get_context("spawn").Process(target=_pingpong_engine, args=(front.spec, cycles))
+    proc.start()
+    try:
+        params = records.SamplingParams(max_tokens=1)
+        slow = 0
+        for i in range(cycles):
+            assert front.try_send(records.Submit(rid=i, params=params, prompt="x"))
+            got: list[records.ToFront] = []
+            start = time.monotonic()
+            while not got:
+                ready, _, _ = select.select([front.fileno()], [], [], 2)
+                if not ready:
+                    slow += 1  # woken by the timeout, not the doorbell: a lost wake-up
+                got = front.drain()
+            assert time.monotonic() - start < 10
+            assert [d.rid for rec in got for d in rec.deltas] == [i]  # type: ignore[union-attr]
+        assert slow == 0
+        proc.join(10)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        front.close()

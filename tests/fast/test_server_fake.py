@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server import AXSERVING, REPO, run_server, shm_names, stop
+from tests.server import AXSERVING, REPO, leaked, run_server, shm_names, stop
 
 
 def client(server) -> openai.OpenAI:  # type: ignore[no-untyped-def]
@@ -65,7 +65,7 @@ def test_engine_sigkill_mid_stream(tmp_path: Path) -> None:
         assert h["models"][0]["engine"]["restarts"] == 1 and h["status"] == "ok"
         r = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "after crash"}])
         assert r.choices[0].message.content == "after crash "
-        assert shm_names() - before == set()
+        assert leaked(before, server.group_pids()) == set()
         metrics = httpx.get(server.url + "/metrics").text
         assert 'axs_engine_restarts_total{model="default"} 1.0' in metrics
 
@@ -130,7 +130,7 @@ def test_sigterm_and_sigint_leave_nothing(tmp_path: Path) -> None:
         assert engine is not None
         with pytest.raises(ProcessLookupError):
             os.kill(engine, 0)
-        assert shm_names() - before == set()
+        assert leaked(before) == set(), server.log()
 
 
 def test_refuses_to_start_without_auth(tmp_path: Path) -> None:
@@ -259,7 +259,7 @@ def test_hung_engine_is_detected_killed_and_restarted(tmp_path: Path) -> None:
         assert "hung" in server.health()["models"][0]["engine"]["last_error"]
         r = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "alive again"}])
         assert r.choices[0].message.content == "alive again "
-        assert shm_names() - before == set()
+        assert leaked(before, server.group_pids()) == set()
 
 
 def test_idle_engine_is_not_mistaken_for_hung(tmp_path: Path) -> None:

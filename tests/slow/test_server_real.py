@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server import Server, run_server, shm_names
+from tests.server import Server, leaked, run_server, shm_names
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +133,7 @@ def test_engine_sigkill_mid_stream_recovers(server: Server, oai: openai.OpenAI) 
     server.wait_ready(120, previous_pid=pid)
     r = oai.chat.completions.create(model="default", messages=QUESTION, temperature=0, max_tokens=48)
     assert "paris" in (r.choices[0].message.content or "").lower()
-    assert shm_names() - before == set()
+    assert leaked(before, server.group_pids()) == set()
 
 
 def test_engine_hung_with_sigstop_is_replaced(default_model: Path, tmp_path: Path) -> None:
@@ -161,4 +161,4 @@ def test_engine_hung_with_sigstop_is_replaced(default_model: Path, tmp_path: Pat
         s.wait_ready(120, previous_pid=pid)
         r = oai.chat.completions.create(model="default", messages=QUESTION, temperature=0, max_tokens=48)
         assert "paris" in (r.choices[0].message.content or "").lower()
-    assert shm_names() - before == set()
+    assert leaked(before) == set()
