@@ -16,7 +16,7 @@ from collections.abc import Callable
 try:
     from ipc import _fence
 except ImportError:  # the optional extension was not built
-    _fence = None  # type: ignore[assignment]
+    _fence = None  # type: ignore[assignment]  # noqa: F811
 
 WEAKLY_ORDERED = platform.machine().lower().startswith(("arm", "aarch64"))
 HANDSHAKE = _fence is not None

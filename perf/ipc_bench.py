@@ -323,11 +323,13 @@ def engine_steps(peer: Peer, job: Job) -> None:
         link.send(records.Ready(os.getpid(), "ipc-bench", 0))
         n = len(TEXTS)
         for i in range(job.steps):
-            rest = tuple(records.Delta(rid, TEXTS[(i + rid) % n], 1, None, 0, i + 1) for rid in range(1, job.seqs))
+            rest = tuple(
+                records.Delta(rid, TEXTS[(i + rid) % n], 1, None, 0, i + 1) for rid in range(1, job.seqs)
+            )
             if job.gap_s:
                 time.sleep(job.gap_s)
-            first = records.Delta(0, TEXTS[i % n], 1, None, time.perf_counter_ns(), i + 1)
-            link.send(records.Step((first, *rest)))
+            stamp = time.perf_counter_ns()  # last, so the latency starts at the send
+            link.send(records.Step((records.Delta(0, TEXTS[i % n], 1, None, stamp, i + 1), *rest)))
     finally:
         link.close()
 
