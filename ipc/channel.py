@@ -12,15 +12,59 @@ import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
 from ipc import records
+from ipc.blob import blob_exists, read_blob, unlink_blob, write_blob
 from ipc.ring import Ring, RingError
 from ipc.wakeup import Wakeup
 
 T = TypeVar("T")
+
+
+class _Link:
+    """One direction: a ring, its doorbell, and the blobs written through it."""
+
+    def __init__(self, ring: Ring, bell: Wakeup, decoder: msgspec.msgpack.Decoder[Any]) -> None:
+        self.ring = ring
+        self.bell = bell
+        self._decode = _decoder(decoder, ring)
+        self.blobs: list[str] = []  # blob names written and maybe not yet read
+
+    def try_write(self, payload: bytes) -> bool:
+        ring = self.ring
+        if len(payload) > ring.max_record():
+            if ring.free_space() < 256:
+                return False  # no room for the reference either: don't build the blob yet
+            name, nonce = write_blob(payload)
+            if not ring.try_write(records.encode(records.Blob(name, nonce, len(payload)))):
+                unlink_blob(name)
+                return False
+            # The reader unlinks it once read; the list covers a reader that died first.
+            self.blobs.append(name)
+            if len(self.blobs) > 64:
+                self.blobs = [n for n in self.blobs if blob_exists(n)]
+        elif not ring.try_write(payload):
+            return False
+        if ring.needs_wake():
+            self.bell.ring()
+        return True
+
+    def read(self) -> Any:
+        record = self.ring.pop(self._decode)
+        if isinstance(record, records.Blob):
+            try:
+                return read_blob(record.name, record.nonce, record.size, self._decode)
+            finally:
+                unlink_blob(record.name)
+        return record
+
+    def unlink_blobs(self) -> None:
+        for name in self.blobs:
+            unlink_blob(name)
+        self.blobs.clear()
 
 
 @dataclass(frozen=True)
@@ -49,7 +93,8 @@ class FrontEnd:
     def __init__(self, req: Ring, evt: Ring, to_engine: Wakeup, to_front: Wakeup) -> None:
         self.req, self.evt = req, evt
         self.to_engine, self.to_front = to_engine, to_front
-        self._decode = _decoder(records.to_front_decoder, evt)
+        self._out = _Link(req, to_engine, records.to_engine_decoder)
+        self._in = _Link(evt, to_front, records.to_front_decoder)
 
     @classmethod
     def create(cls, req_capacity: int, evt_capacity: int) -> FrontEnd:
@@ -73,14 +118,11 @@ class FrontEnd:
         return self.to_front.fileno()
 
     def try_send(self, record: records.ToEngine) -> bool:
-        if not self.req.try_write(records.encode(record)):
-            return False
-        if self.req.needs_wake():
-            self.to_engine.ring()
-        return True
+        """Write one request if there is room now (never waits)."""
+        return self._out.try_write(records.encode(record))
 
     def recv(self) -> records.ToFront | None:
-        return self.evt.pop(self._decode)
+        return self._in.read()  # type: ignore[no-any-return]
 
     def drain(self) -> list[records.ToFront]:
         """Everything the engine has published; call when :meth:`fileno` is readable.
@@ -88,11 +130,11 @@ class FrontEnd:
         Raises :class:`~ipc.ring.RingError` if the ring is corrupt (treat as engine death).
         """
         self.to_front.drain()
-        evt, decode = self.evt, self._decode
+        evt, link = self.evt, self._in
         evt.wake_up()
         out = []
         while True:
-            while (record := evt.pop(decode)) is not None:
+            while (record := link.read()) is not None:
                 out.append(record)
             if evt.prepare_sleep():
                 return out
@@ -107,6 +149,7 @@ class FrontEnd:
     def unlink(self) -> None:
         self.req.unlink()
         self.evt.unlink()
+        self._out.unlink_blobs()
 
     def close(self) -> None:
         self.unlink()
@@ -129,18 +172,15 @@ class EngineEnd:
         self.req.unlink()
         self.evt.unlink()
         self.to_engine, self.to_front = spec.to_engine, spec.to_front
-        self._decode = _decoder(records.to_engine_decoder, self.req)
+        self._in = _Link(self.req, self.to_engine, records.to_engine_decoder)
+        self._out = _Link(self.evt, self.to_front, records.to_front_decoder)
 
     def recv(self) -> records.ToEngine | None:
-        return self.req.pop(self._decode)
+        return self._in.read()  # type: ignore[no-any-return]
 
     def try_send(self, payload: bytes) -> bool:
         """Write one encoded event if there is room now (never waits)."""
-        if not self.evt.try_write(payload):
-            return False
-        if self.evt.needs_wake():
-            self.to_front.ring()
-        return True
+        return self._out.try_write(payload)
 
     def max_record(self) -> int:
         return self.evt.max_record()
@@ -149,13 +189,11 @@ class EngineEnd:
         """Write one event, waiting for room while the front drains (it always does)."""
         payload = records.encode(record)
         delay = 0.0001
-        while not self.evt.try_write(payload):
+        while not self._out.try_write(payload):
             if not alive():
                 raise RingError("front is gone")
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
-        if self.evt.needs_wake():
-            self.to_front.ring()
 
     def beat(self) -> None:
         """Tell the front this engine is alive (cheap: call it every step)."""
@@ -170,6 +208,7 @@ class EngineEnd:
         self.req.wake_up()
 
     def close(self) -> None:
+        self._out.unlink_blobs()
         self.req.close()
         self.evt.close()
         self.to_engine.close()

@@ -59,6 +59,14 @@ class Shutdown(msgspec.Struct, tag=3, **_STRUCT):
     pass
 
 
+class Blob(msgspec.Struct, tag=4, **_STRUCT):
+    """The real record is in blob segment ``name`` (it was too large for the ring)."""
+
+    name: str
+    nonce: int
+    size: int
+
+
 # ---- engine → front -------------------------------------------------------------------------
 
 FinishReason = Literal["stop", "length"]
@@ -114,8 +122,8 @@ class Fatal(msgspec.Struct, tag=13, **_STRUCT):
     message: str
 
 
-ToEngine = Union[Submit, Abort, Shutdown]
-ToFront = Union[Ready, Step, Failed, Fatal]
+ToEngine = Union[Submit, Abort, Shutdown, Blob]
+ToFront = Union[Ready, Step, Failed, Fatal, Blob]
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode

@@ -222,6 +222,9 @@ class PipeFront:
         os.set_blocking(self._rfd, False)
         with contextlib.suppress(AttributeError, OSError):  # not Linux, or a lower pipe-max-size
             fcntl.fcntl(self._rfd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        # Read into one reused buffer: os.read(fd, 1 MiB) would allocate (mmap) 1 MiB per call.
+        self._buf = bytearray(PIPE_BYTES)
+        self._view = memoryview(self._buf)
         self._pending = b""  # the start of a frame that the last read cut
         self._decode = records.to_front_decoder.decode
 
@@ -238,23 +241,23 @@ class PipeFront:
     def drain(self) -> list[records.ToFront]:
         # One read per wake-up: the loop is level-triggered and calls again if more is waiting.
         try:
-            chunk = os.read(self._rfd, READ_CHUNK)
+            n = os.readv(self._rfd, (self._buf,))
         except BlockingIOError:
             return []
-        data = self._pending + chunk if self._pending else chunk
+        data = memoryview(self._pending + self._view[:n]) if self._pending else self._view[:n]
         out: list[records.ToFront] = []
         decode, off, end = self._decode, 0, len(data)
-        with memoryview(data) as view:
-            while end - off >= _LEN.size:
-                (n,) = _LEN.unpack_from(data, off)
-                if off + _LEN.size + n > end:
-                    break
-                out.append(decode(view[off + _LEN.size : off + _LEN.size + n]))
-                off += _LEN.size + n
-        self._pending = data[off:]
+        while end - off >= _LEN.size:
+            (size,) = _LEN.unpack_from(data, off)
+            if off + _LEN.size + size > end:
+                break
+            out.append(decode(data[off + _LEN.size : off + _LEN.size + size]))
+            off += _LEN.size + size
+        self._pending = bytes(data[off:])
         return out
 
     def close(self) -> None:
+        self._view.release()
         os.close(self._rfd)
         if self._wfd >= 0:
             os.close(self._wfd)
@@ -368,24 +371,32 @@ def engine_pingpong(peer: RingPeer, timeout_s: float) -> None:
 
 
 class Consumer(Protocol):
+    started: bool
     done: asyncio.Future[None]
 
+    def start(self) -> None: ...  # called on the first wake-up (the engine's Ready), before drain
     def feed(self, batch: list[records.ToFront]) -> None: ...
 
 
 class _Timed:
-    """Wall and CPU time from the engine's Ready to the job's last step; ``done`` then."""
+    """Wall and CPU time from the wake-up that brings the engine's Ready to the job's last step.
+
+    The clocks start before that first drain: when the front is slow to wake, Ready and many
+    steps arrive in one batch, and their decoding must count.
+    """
 
     def __init__(self, steps: int) -> None:
         self.steps = steps
         self.received = 0
+        self.started = False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._t0_ns = 0
         self._cpu0 = 0.0
         self.wall_s = 0.0
         self.cpu_s = 0.0
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        self.started = True
         self._t0_ns = time.perf_counter_ns()
         self._cpu0 = time.process_time()
 
@@ -408,8 +419,6 @@ class Counter(_Timed):
         for record in batch:
             if type(record) is records.Step:
                 self.received += 1
-            elif type(record) is records.Ready:
-                self._start()
         self._check_finished()
 
 
@@ -426,8 +435,6 @@ class Stopwatch(_Timed):
             if type(record) is records.Step:
                 self.samples_ns.append(now - record.deltas[0].prompt_tokens)
                 self.received += 1
-            elif type(record) is records.Ready:
-                self._start()
         self._check_finished()
 
 
@@ -461,8 +468,6 @@ class Dispatcher(_Timed):
                 for delta in record.deltas:
                     streams[delta.rid].push(delta)
                 self.received += 1
-            elif type(record) is records.Ready:
-                self._start()
         self._check_finished()
 
     @property
@@ -491,6 +496,7 @@ class PingPong:
         self._sent_ns = 0
         self._flagged = False  # this cycle is already counted as timed out
         self._t0_ns = 0
+        self.started = False
         self._watchdog: asyncio.TimerHandle | None = None
         self.done.add_done_callback(self._stop_watchdog)
 
@@ -499,13 +505,16 @@ class PingPong:
             if type(record) is records.Step:
                 self._reply(record)
             elif type(record) is records.Ready:
-                self._t0_ns = time.perf_counter_ns()
-                self._watchdog = self.loop.call_later(self.timeout_s / 4, self._watch)
                 self._send()
             elif type(record) is records.Failed and record.code == STATS_CODE:
                 self.engine_missed = int(record.message)
                 if not self.done.done():
                     self.done.set_result(None)
+
+    def start(self) -> None:
+        self.started = True
+        self._t0_ns = time.perf_counter_ns()
+        self._watchdog = self.loop.call_later(self.timeout_s / 4, self._watch)
 
     def _stop_watchdog(self, _: object) -> None:
         if self._watchdog is not None:
@@ -599,6 +608,8 @@ async def run_child(
 
     def on_events() -> None:
         try:
+            if not consumer.started:
+                consumer.start()
             consumer.feed(front.drain())
         except Exception as e:  # the loop would only log a callback's error
             fail(e)

@@ -20,14 +20,13 @@ from axserving.engine.stream import RequestStream
 from axserving.errors import (
     APIError,
     EngineUnavailable,
-    PayloadTooLarge,
     ServiceUnavailable,
     from_engine_failure,
 )
 from engine_proc.main import EngineSpec, engine_main
 from ipc import records
 from ipc.channel import FrontEnd
-from ipc.ring import RecordTooLarge, RingError
+from ipc.ring import RingError
 
 log = logging.getLogger("axserving.engine")
 
@@ -210,10 +209,9 @@ class EngineConnection:
     def _try_send(self, record: records.Submit) -> bool:
         try:
             return self.channel.try_send(record)
-        except RecordTooLarge as e:
-            raise PayloadTooLarge(
-                "the request is too large for the engine's request ring; shorten the prompt"
-            ) from e
+        except OSError as e:  # a large request's blob segment: /dev/shm is full
+            log.error("cannot write a request blob for %s: %s", self.model_id, e)
+            raise ServiceUnavailable("the server is out of shared memory; retry later") from e
 
     def _abort(self, rid: int) -> None:
         if self._streams.pop(rid, None) is None or self._closed:

@@ -136,6 +136,36 @@ def test_channel_across_processes() -> None:
         front.close()
 
 
+def test_blob_records_both_ways_across_processes() -> None:
+    """Records over a quarter of the ring travel in blob segments, which are unlinked once read."""
+    import select
+
+    from tests.server import leaked, shm_names
+
+    before = shm_names()
+    front = FrontEnd.create(1 << 16, 1 << 16)
+    proc = multiprocessing.get_context("spawn").Process(target=_echo_engine, args=(front.spec,))
+    proc.start()
+    try:
+        params = records.SamplingParams(max_tokens=1)
+        sizes = [10, 100_000, 20, 300_000, 5]
+        for i, n in enumerate(sizes):
+            assert front.try_send(records.Submit(rid=i, params=params, prompt=chr(97 + i) * n))
+        got: list[str] = []
+        while len(got) < len(sizes):
+            select.select([front.fileno()], [], [], 5)
+            got.extend(d.text for rec in front.drain() for d in rec.deltas)  # type: ignore[union-attr]
+        assert got == [chr(97 + i) * n for i, n in enumerate(sizes)]
+        assert front.try_send(records.Shutdown())
+        proc.join(10)
+        assert proc.exitcode == 0
+        assert not {n for n in leaked(before) if n.endswith(".blob")}
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        front.close()
+
+
 def test_sweep_removes_names_of_dead_owners() -> None:
     import posix_ipc
 
