@@ -126,6 +126,7 @@ class EngineLoop:
 
     def run(self) -> None:
         self.backend.heartbeat = self.channel.beat
+        self.backend.cancelled = self.channel.cancelled
         while self.running:
             self.run_once()
 

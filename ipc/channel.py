@@ -124,6 +124,15 @@ class FrontEnd:
     def recv(self) -> records.ToFront | None:
         return self._in.read()  # type: ignore[no-any-return]
 
+    def cancel(self, rid: int) -> None:
+        """Flag ``rid`` cancelled where the engine looks between prefill chunks (the Abort record
+        follows through the ring; the flag only makes a long prefill stop sooner)."""
+        self.req.set_flag(rid, True)
+
+    def reuse_slot(self, rid: int) -> None:
+        """Clear ``rid``'s cancel bit before its Submit (its slot served rid - 4096 before)."""
+        self.req.set_flag(rid, False)
+
     def drain(self) -> list[records.ToFront]:
         """Everything the engine has published; call when :meth:`fileno` is readable.
 
@@ -177,6 +186,10 @@ class EngineEnd:
 
     def recv(self) -> records.ToEngine | None:
         return self._in.read()  # type: ignore[no-any-return]
+
+    def cancelled(self, rid: int) -> bool:
+        """Has the front flagged ``rid`` cancelled? (Cheap: one byte read.)"""
+        return self.req.flag(rid)
 
     def try_send(self, payload: bytes) -> bool:
         """Write one encoded event if there is room now (never waits)."""

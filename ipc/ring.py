@@ -8,7 +8,8 @@ producer and the consumer never write the same cache line)::
     256  read counter u64    (consumer only; monotonic byte count)
     264  sleeping u64        (consumer only: 1 while it is, or is about to be, asleep)
     384  heartbeat u64       (producer only: its CLOCK_MONOTONIC ns, to tell a hung writer)
-    512  data[capacity]      (capacity a power of two)
+    512  flags[4096 bits]    (producer only: a cancel bit per request slot, rid % 4096)
+    1024 data[capacity]      (capacity a power of two)
 
 A record is an 8-byte frame ``length u32 | kind u32`` followed by the payload, padded to 8 bytes.
 When a record does not fit before the end of the data area, a pad frame fills the rest and the
@@ -37,8 +38,10 @@ import posix_ipc
 from ipc import fences
 
 MAGIC = 0x41585352494E4731  # "AXSRING1"
-VERSION = 1
-HEADER_SIZE = 512
+VERSION = 2
+HEADER_SIZE = 1024
+FLAG_BITS = 4096
+_FLAGS = 512
 _HEAD = struct.Struct("<QIIQQQ")
 _FRAME = struct.Struct("<II")
 _W = 128 // 8  # index of the write counter in the u64 view
@@ -162,6 +165,19 @@ class Ring:
     def heartbeat_age(self) -> float:
         """Seconds since the producer last called :meth:`beat` (CLOCK_MONOTONIC is system-wide)."""
         return (time.monotonic_ns() - self._u64[_HB]) / 1e9
+
+    # ---- per-request flags (the request ring's cancel bits) -----------------------------------
+
+    def set_flag(self, rid: int, on: bool) -> None:
+        """Producer: set or clear request ``rid``'s bit (slot ``rid % FLAG_BITS``)."""
+        slot = rid % FLAG_BITS
+        index, bit = _FLAGS + slot // 8, 1 << (slot % 8)
+        buf = self._buf
+        buf[index] = (buf[index] | bit) if on else (buf[index] & ~bit)
+
+    def flag(self, rid: int) -> bool:
+        slot = rid % FLAG_BITS
+        return bool(self._buf[_FLAGS + slot // 8] & (1 << (slot % 8)))
 
     # ---- wake-up handshake -------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Events are read on the event loop through ``loop.add_reader`` on the engine's doorbell (no
 thread); each :class:`~ipc.records.Step` fans out to the per-request streams in one pass. The
-process sentinel is watched the same way, so a death is noticed within milliseconds.
+process's exit is watched the same way (a pidfd, else the sentinel), so a death is noticed
+within milliseconds.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from axserving.errors import (
 from engine_proc.main import EngineSpec, engine_main
 from ipc import records
 from ipc.channel import FrontEnd
-from ipc.ring import RingError
+from ipc.ring import FLAG_BITS, RingError
 
 log = logging.getLogger("axserving.engine")
 
@@ -67,6 +68,8 @@ class EngineConnection:
         self.on_step: Callable[[records.Step], None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._safety: asyncio.TimerHandle | None = None
+        self._pidfd: int | None = None
+        self._exit_fd = -1
         self.safety_drains = 0
 
     @property
@@ -89,8 +92,20 @@ class EngineConnection:
             self._closed = True
             raise
         self._loop.add_reader(self.channel.fileno(), self._on_events)
-        self._loop.add_reader(self.process.sentinel, self._on_exit)
+        self._exit_fd = self._watch_exit(self.process)
+        self._loop.add_reader(self._exit_fd, self._on_exit)
         self._safety = self._loop.call_later(_SAFETY_DRAIN_S, self._safety_drain)
+
+    def _watch_exit(self, process: BaseProcess) -> int:
+        """An fd readable once the process has exited: a pidfd on Linux (exact, and immune to
+        a grandchild holding an inherited pipe end), else multiprocessing's sentinel pipe."""
+        if hasattr(os, "pidfd_open") and process.pid is not None:
+            try:
+                self._pidfd = os.pidfd_open(process.pid)
+                return self._pidfd
+            except OSError:
+                pass
+        return process.sentinel
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -140,7 +155,10 @@ class EngineConnection:
 
     def _on_exit(self) -> None:
         assert self.process is not None
-        self._loop.remove_reader(self.process.sentinel)  # level-triggered: remove or spin
+        self._loop.remove_reader(self._exit_fd)  # level-triggered: remove or spin
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
         # Read what the engine wrote before it died (a Fatal record, final deltas).
         self._on_events()
         self.process.join(0)
@@ -194,7 +212,10 @@ class EngineConnection:
     ) -> RequestStream:
         if self._closed or self.died.done():
             raise EngineUnavailable("the model's engine is not running; retry shortly")
+        if len(self._streams) >= FLAG_BITS:
+            raise ServiceUnavailable("too many requests in flight on this engine; retry shortly")
         rid = next(self._rids)
+        self.channel.reuse_slot(rid)
         record = build(rid)
         while not self._try_send(record):
             if time.monotonic() > deadline:
@@ -216,6 +237,7 @@ class EngineConnection:
     def _abort(self, rid: int) -> None:
         if self._streams.pop(rid, None) is None or self._closed:
             return
+        self.channel.cancel(rid)
         if not self.channel.try_send(records.Abort(rid)):
             # Ring full: retry shortly rather than leave the sequence running.
             self._loop.call_later(_SEND_RETRY_S, self._resend_abort, rid)

@@ -20,6 +20,10 @@ def _nothing() -> None:
     pass
 
 
+def _never(rid: int) -> bool:
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     model_path: str
@@ -57,6 +61,9 @@ class Backend(abc.ABC):
         # Set by the engine loop: call between long stretches of work inside one step (prefill
         # chunks), so the front's hang detection sees a slow step as alive.
         self.heartbeat: Callable[[], None] = _nothing
+        # Set by the engine loop: has the front cancelled this request? Check it where a step
+        # can take long (between prefill chunks) and drop the request at once if so.
+        self.cancelled: Callable[[int], bool] = _never
 
     @abc.abstractmethod
     def load(self) -> ModelInfo:

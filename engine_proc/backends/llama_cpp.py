@@ -29,6 +29,10 @@ from ipc.records import ChatMessage, Delta, FinishReason, SamplingParams, Submit
 _NO_TOKEN = -1  # llama.cpp's LLAMA_TOKEN_NULL: the vocab has no such special token
 
 
+class _Cancelled(Exception):
+    """The front cancelled the sequence while its prompt was being prefilled."""
+
+
 class LlamaDecodeError(RuntimeError):
     """``llama_decode`` failed; the KV cache state of the sequence is no longer trustworthy."""
 
@@ -215,6 +219,9 @@ class LlamaCppBackend(Backend):
             # A new sequence: prefill its prompt. Otherwise feed back the last sampled token.
             out = self._decode(seq, seq.tokens[seq.n_past :])
             token = seq.sampler.sample(self._ctx, out)
+        except _Cancelled:
+            self._end(seq)  # its KV is freed now; the Abort record that follows is a no-op
+            return []
         except BaseException:
             self._end(seq)
             raise
@@ -246,6 +253,8 @@ class LlamaCppBackend(Backend):
         batch = self._batch
         assert batch is not None and tokens
         for start in range(0, len(tokens), self._n_batch):
+            if start and self.cancelled(seq.rid):
+                raise _Cancelled()
             chunk = tokens[start : start + self._n_batch]
             last_chunk = start + len(chunk) == len(tokens)
             for i, tok in enumerate(chunk):

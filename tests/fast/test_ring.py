@@ -244,3 +244,20 @@ def test_no_lost_wakeups_in_sleep_wake_cycles() -> None:
         if proc.is_alive():
             proc.kill()
         front.close()
+
+
+def test_cancel_flags(ring: Ring) -> None:
+    from ipc.ring import FLAG_BITS
+
+    assert not ring.flag(5)
+    ring.set_flag(5, True)
+    ring.set_flag(6, True)
+    assert ring.flag(5) and ring.flag(6) and not ring.flag(7)
+    assert ring.flag(5 + FLAG_BITS)  # same slot
+    ring.set_flag(5, False)
+    assert not ring.flag(5) and ring.flag(6)
+    other = Ring.attach(ring.name, ring.nonce)
+    try:
+        assert other.flag(6)  # visible to the other side of the mapping
+    finally:
+        other.close()

@@ -208,3 +208,24 @@ def test_multibyte_characters_survive_token_splits(backend: LlamaCppBackend) -> 
     stream = DetokStream()
     out = "".join(stream.feed(p).text for p in pieces) + stream.flush()
     assert out == text
+
+
+def test_cancel_flag_stops_a_long_prefill_between_chunks(backend: LlamaCppBackend) -> None:
+    """The front's cancel bit is honoured between prefill chunks (n_batch is 256 here)."""
+    expected = text_of(drive(backend, chat(30, QUESTION)))
+    checked: list[int] = []
+
+    def cancelled(rid: int) -> bool:
+        checked.append(rid)
+        return rid == 31
+
+    original = backend.cancelled
+    backend.cancelled = cancelled
+    try:
+        backend.submit(chat(31, "tell me about the sea " * 120))  # ~700 tokens: 3 chunks
+        assert backend.step() == []  # dropped after the first chunk, no token sampled
+        assert checked == [31]
+        assert not backend.has_work()
+        assert text_of(drive(backend, chat(32, QUESTION))) == expected  # KV was freed
+    finally:
+        backend.cancelled = original
