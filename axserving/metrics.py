@@ -35,6 +35,12 @@ class Metrics:
         )
         self.running = Gauge("axs_requests_running", "Requests in flight", ["model"], registry=r)
         self.engine_up = Gauge("axs_engine_up", "1 while the model's engine is ready", ["model"], registry=r)
+        self.engine_running = Gauge(
+            "axs_engine_running_sequences", "Sequences the engine is generating", ["model"], registry=r
+        )
+        self.engine_waiting = Gauge(
+            "axs_engine_waiting_sequences", "Sequences accepted by the engine, not started", ["model"], registry=r
+        )
         self.engine_restarts = Counter(
             "axs_engine_restarts", "Engine process restarts", ["model"], registry=r
         )

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 from engine_proc.backends import make_backend
@@ -23,6 +24,7 @@ from ipc.channel import ChannelSpec, EngineEnd
 log = logging.getLogger("axserving.engine")
 
 IDLE_WAIT_S = 0.25  # how often an idle engine beats and checks that its front is still there
+STATS_INTERVAL_S = 1.0
 PENDING_RETRY_S = 0.001  # how soon an idle engine retries events a full ring held back
 
 
@@ -59,6 +61,9 @@ class EngineLoop:
         self.running = True
         self._pending: dict[int, records.Delta] = {}  # deltas a full event ring held back
         self.merged_steps = 0
+        self.steps = 0
+        self.tokens = 0
+        self._next_stats = 0.0
 
     def front_alive(self) -> bool:
         return os.getppid() == self.spec.front_pid
@@ -104,16 +109,30 @@ class EngineLoop:
             self.send(step)
             pending.clear()
 
+    def report(self) -> None:
+        """Send the engine's counters, at most once a second, only if there is room."""
+        now = time.monotonic()
+        if now < self._next_stats:
+            return
+        self._next_stats = now + STATS_INTERVAL_S
+        running, waiting = self.backend.occupancy()
+        stats = records.Stats(running, waiting, self.steps, self.tokens, self.merged_steps)
+        self.channel.try_send(records.encode(stats))
+
     def run_once(self) -> None:
         """One turn of the loop: requests in, one backend step, events out (or sleep)."""
         channel, backend = self.channel, self.backend
         channel.beat()
+        self.report()
         while (record := channel.recv()) is not None:
             self.handle(record)
             if not self.running:
                 return
         if backend.has_work():
-            self.publish(backend.step())
+            deltas = backend.step()
+            self.steps += 1
+            self.tokens += sum(d.n_tokens for d in deltas)
+            self.publish(deltas)
         elif self._pending:
             self.publish([])  # retry what a full ring held back
             if self._pending:

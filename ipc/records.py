@@ -122,8 +122,18 @@ class Fatal(msgspec.Struct, tag=13, **_STRUCT):
     message: str
 
 
+class Stats(msgspec.Struct, tag=14, **_STRUCT):
+    """The engine's counters, about once a second while it runs."""
+
+    running: int  # sequences being generated
+    waiting: int  # accepted, not started
+    steps: int  # backend steps since start
+    tokens: int  # tokens generated since start
+    merged_steps: int  # steps whose deltas waited for room in a full event ring
+
+
 ToEngine = Union[Submit, Abort, Shutdown, Blob]
-ToFront = Union[Ready, Step, Failed, Fatal, Blob]
+ToFront = Union[Ready, Step, Failed, Fatal, Stats, Blob]
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode

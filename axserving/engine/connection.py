@@ -71,6 +71,7 @@ class EngineConnection:
         self._pidfd: int | None = None
         self._exit_fd = -1
         self.safety_drains = 0
+        self.stats: records.Stats | None = None
 
     @property
     def pid(self) -> int | None:
@@ -149,6 +150,8 @@ class EngineConnection:
                 self.ready.set_result(record)
             # The engine unlinked the names on attach; make sure even if it did not.
             self.channel.unlink()
+        elif isinstance(record, records.Stats):
+            self.stats = record
         elif isinstance(record, records.Fatal):
             self.fatal_message = record.message
             log.error("engine %s reported a fatal error: %s", self.model_id, record.message)

@@ -113,12 +113,21 @@ class EngineSupervisor:
         self._set_state(EngineState.stopped)
 
     def snapshot(self) -> dict[str, object]:
+        conn = self.conn if self.state is EngineState.ready else None
+        stats = conn.stats if conn is not None else None
         return {
             "state": self.state.value,
-            "pid": self.pid if self.state is EngineState.ready else None,
+            "pid": conn.pid if conn is not None else None,
             "restarts": self.restarts,
             "backend": self.backend,
             "last_error": self.last_error,
+            "inflight": conn.inflight if conn is not None else 0,
+            "running": stats.running if stats else 0,
+            "waiting": stats.waiting if stats else 0,
+            "steps": stats.steps if stats else 0,
+            "tokens": stats.tokens if stats else 0,
+            "merged_steps": stats.merged_steps if stats else 0,
+            "safety_drains": conn.safety_drains if conn is not None else 0,
         }
 
     # ---- the loop ----------------------------------------------------------------------------

@@ -72,6 +72,9 @@ async def metrics(request: Request) -> Response:
     m = state.metrics
     for entry in state.registry:
         m.engine_up.labels(entry.id).set(1 if entry.supervisor.state is EngineState.ready else 0)
+        snap = entry.supervisor.snapshot()
+        m.engine_running.labels(entry.id).set(snap["running"])  # type: ignore[arg-type]
+        m.engine_waiting.labels(entry.id).set(snap["waiting"])  # type: ignore[arg-type]
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -85,5 +85,9 @@ class Backend(abc.ABC):
     def has_work(self) -> bool:
         """True while any request is waiting or running."""
 
+    def occupancy(self) -> tuple[int, int]:
+        """(running, waiting) sequences, for the engine's stats."""
+        return (1 if self.has_work() else 0), 0
+
     def close(self) -> None:
         """Release the model. Called once, before the engine process exits."""

@@ -104,3 +104,6 @@ class FakeBackend(Backend):
 
     def has_work(self) -> bool:
         return bool(self._seqs)
+
+    def occupancy(self) -> tuple[int, int]:
+        return len(self._seqs), 0

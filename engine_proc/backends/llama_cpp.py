@@ -205,6 +205,9 @@ class LlamaCppBackend(Backend):
     def has_work(self) -> bool:
         return self._running is not None or bool(self._waiting)
 
+    def occupancy(self) -> tuple[int, int]:
+        return (1 if self._running is not None else 0), len(self._waiting)
+
     # ---- generation --------------------------------------------------------------------------
 
     def step(self) -> list[Delta]:

@@ -50,6 +50,8 @@ def test_full_event_ring_never_blocks_the_step_loop(loop: tuple[FrontEnd, Engine
     finished: dict[int, str | None] = {}
     for _ in range(1000):
         for rec in front.drain():
+            if isinstance(rec, records.Stats):
+                continue
             assert isinstance(rec, records.Step)
             for d in rec.deltas:
                 if d.rid < 0:

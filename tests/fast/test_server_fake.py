@@ -269,3 +269,21 @@ def test_idle_engine_is_not_mistaken_for_hung(tmp_path: Path) -> None:
         time.sleep(3)
         assert server.engine_pid() == pid
         assert server.health()["models"][0]["engine"]["restarts"] == 0
+
+
+def test_engine_stats_reach_status_and_metrics(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=10") as server:
+        oai = client(server)
+        stream = oai.chat.completions.create(
+            model="default", stream=True, messages=[{"role": "user", "content": " ".join(["s"] * 300)}],
+        )
+        seen_running = False
+        for i, _ in enumerate(stream):
+            if i % 20 == 0:
+                engine = httpx.get(server.v1 + "/admin/status", headers=server.headers()).json()["models"][0]["engine"]
+                seen_running |= engine["running"] == 1 and engine["inflight"] == 1
+        assert seen_running
+        time.sleep(1.2)
+        engine = server.health()["models"][0]["engine"]
+        assert engine["running"] == 0 and engine["steps"] >= 300 and engine["tokens"] >= 300
+        assert 'axs_engine_running_sequences{model="default"} 0.0' in httpx.get(server.url + "/metrics").text
