@@ -11,7 +11,9 @@ producer and the consumer never write the same cache line)::
     512  flags[4096 bits]    (producer only: a cancel bit per request slot, rid % 4096)
     1024 data[capacity]      (capacity a power of two)
 
-A record is an 8-byte frame ``length u32 | kind u32`` followed by the payload, padded to 8 bytes.
+A record is an 8-byte frame ``length u32 | kind u16 | sequence u16`` followed by the payload,
+padded to 8 bytes; the sequence (low 16 bits of a per-ring record count) lets the reader tell a
+torn or stale frame from the next record.
 When a record does not fit before the end of the data area, a pad frame fills the rest and the
 record starts again at offset 0, so every payload is one contiguous slice that can be decoded in
 place. The producer writes payload and frame first and publishes by storing the write counter
@@ -43,7 +45,7 @@ HEADER_SIZE = 1024
 FLAG_BITS = 4096
 _FLAGS = 512
 _HEAD = struct.Struct("<QIIQQQ")
-_FRAME = struct.Struct("<II")
+_FRAME = struct.Struct("<IHH")
 _W = 128 // 8  # index of the write counter in the u64 view
 _R = 256 // 8
 _SLEEP = 264 // 8
@@ -89,6 +91,8 @@ class Ring:
         self.nonce = nonce
         self.owner = owner
         self._unlinked = False
+        self._wseq = 0  # producer: records written (low 16 bits go in the frame)
+        self._rseq = 0  # consumer: records read
 
     # ---- life cycle ------------------------------------------------------------------------
 
@@ -224,10 +228,11 @@ class Ring:
             return False
         data = self._data
         if pad:
-            _FRAME.pack_into(data, pos, tail - _FRAME.size, KIND_PAD)
+            _FRAME.pack_into(data, pos, tail - _FRAME.size, KIND_PAD, 0)
             pos = 0
         data[pos + _FRAME.size : pos + _FRAME.size + n] = payload
-        _FRAME.pack_into(data, pos, n, KIND_DATA)
+        _FRAME.pack_into(data, pos, n, KIND_DATA, self._wseq & 0xFFFF)
+        self._wseq += 1
         fences.release()  # payload and frame before the counter that publishes them
         self._u64[_W] = w + pad + need  # publish
         return True
@@ -252,7 +257,7 @@ class Ring:
             if w - r > self.capacity:
                 raise RingError(f"{self.name}: counters out of range (w={w}, r={r})")
             pos = r & self._mask
-            length, kind = _FRAME.unpack_from(self._data, pos)
+            length, kind, seq = _FRAME.unpack_from(self._data, pos)
             size = _FRAME.size + _align8(length)
             if pos + size > self.capacity or r + size > w or kind not in (KIND_DATA, KIND_PAD):
                 raise RingError(f"{self.name}: corrupt frame at {r} (len={length}, kind={kind})")
@@ -260,6 +265,9 @@ class Ring:
                 r += size
                 self._u64[_R] = r
                 continue
+            if seq != self._rseq & 0xFFFF:
+                raise RingError(f"{self.name}: record {self._rseq} has sequence {seq} (torn or stale frame)")
+            self._rseq += 1
             view = self._data[pos + _FRAME.size : pos + _FRAME.size + length]
             try:
                 record = decode(view)

@@ -261,3 +261,13 @@ def test_cancel_flags(ring: Ring) -> None:
         assert other.flag(6)  # visible to the other side of the mapping
     finally:
         other.close()
+
+
+def test_out_of_sequence_frame_is_a_typed_error(ring: Ring) -> None:
+    assert ring.try_write(b"first!!!")
+    assert ring.try_write(b"second")
+    # Second frame starts after the first (8-byte frame + 8-byte payload); its seq field is at +6.
+    struct.pack_into("<H", ring._buf, HEADER_SIZE + 16 + 6, 7)
+    assert ring.pop(ident) == b"first!!!"
+    with pytest.raises(RingError, match="sequence"):
+        ring.pop(ident)
