@@ -7,6 +7,7 @@ server's status codes: 400 or 422) and produce the engine-side records.
 
 from __future__ import annotations
 
+import array
 import re
 from typing import Any, Literal, TypeVar, Union
 
@@ -65,7 +66,8 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
 
 class CompletionRequest(_Sampling, kw_only=True):
-    prompt: Union[str, list[str]]
+    # A string, or (OpenAI) a list of one string, a list of token ids, or a list of one such list.
+    prompt: Union[str, list[Any]]
     echo: bool = False
     suffix: str | None = None
 
@@ -187,16 +189,28 @@ def chat_messages(req: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
     return tuple(out)
 
 
-def completion_prompt(req: CompletionRequest) -> str:
+MAX_TOKEN_ID = (1 << 31) - 1
+
+
+def completion_prompt(req: CompletionRequest) -> str | array.array[int]:
+    """The prompt as text, or as token ids packed in an int32 array (sent to the engine as is)."""
     if req.echo:
         raise InvalidRequest("'echo' is not supported", param="echo")
     if req.suffix:
         raise InvalidRequest("'suffix' is not supported", param="suffix")
-    if isinstance(req.prompt, str):
-        return req.prompt
-    if len(req.prompt) != 1:
-        raise InvalidRequest("'prompt' must be a string or a list of exactly one string", param="prompt")
-    return req.prompt[0]
+    prompt: Any = req.prompt
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            return prompt
+    if prompt and all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in prompt):
+        return array.array("i", prompt)
+    raise InvalidRequest(
+        "'prompt' must be a string, a list of token ids, or a list holding exactly one of those",
+        param="prompt",
+    )
 
 
 def include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:

@@ -43,12 +43,15 @@ class SamplingParams(msgspec.Struct, **_STRUCT):
 
 
 class Submit(msgspec.Struct, tag=1, **_STRUCT):
-    """Start generating. Exactly one of ``messages`` (chat) or ``prompt`` (completion) is set."""
+    """Start generating. Exactly one of ``messages`` (chat), ``prompt`` (completion text) or
+    ``prompt_ids`` (completion token ids, packed native int32: one copy out of the ring,
+    no Python int per token until the backend needs them) is set."""
 
     rid: int
     params: SamplingParams
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
+    prompt_ids: bytes | None = None
 
 
 class Abort(msgspec.Struct, tag=2, **_STRUCT):

@@ -41,7 +41,10 @@ def _chat_submit(req: protocol.ChatCompletionRequest, params: SamplingParams) ->
 
 def _completion_submit(req: protocol.CompletionRequest, params: SamplingParams) -> Callable[[int], Submit]:
     prompt = protocol.completion_prompt(req)
-    return lambda rid: Submit(rid=rid, params=params, prompt=prompt)
+    if isinstance(prompt, str):
+        return lambda rid: Submit(rid=rid, params=params, prompt=prompt)
+    ids = prompt.tobytes()
+    return lambda rid: Submit(rid=rid, params=params, prompt_ids=ids)
 
 
 async def _serve(

@@ -15,6 +15,7 @@ Markers in the prompt text drive failures on demand:
 
 from __future__ import annotations
 
+import array
 import os
 import signal
 import time
@@ -53,6 +54,11 @@ class FakeBackend(Backend):
             user = [m.content for m in request.messages if m.role == "user"]
             source = user[-1] if user else request.messages[-1].content
             prompt_tokens = sum(len(m.content.split()) + 4 for m in request.messages)
+        elif request.prompt_ids is not None:
+            ids = array.array("i")
+            ids.frombytes(request.prompt_ids)
+            source = " ".join(f"t{t}" for t in ids)
+            prompt_tokens = len(ids)
         else:
             source = request.prompt or ""
             prompt_tokens = len(source.split())

@@ -12,6 +12,7 @@ One sequence runs at a time; later requests wait in FIFO order. Per-sequence sta
 
 from __future__ import annotations
 
+import array
 import ctypes
 import os
 from collections import deque
@@ -152,6 +153,8 @@ class LlamaCppBackend(Backend):
             prompt, what = self._chat_tokens(request.messages), "messages"
         elif request.prompt is not None:
             prompt, what = self._completion_tokens(request.prompt), "prompt"
+        elif request.prompt_ids is not None:
+            prompt, what = self._token_ids(request.prompt_ids), "prompt"
         else:
             raise RequestRejected("invalid_request", "request has neither messages nor prompt")
         if len(prompt) >= self._n_ctx:
@@ -180,6 +183,16 @@ class LlamaCppBackend(Backend):
         if self._add_bos and self._bos != _NO_TOKEN and tokens[:1] != [self._bos]:
             tokens.insert(0, self._bos)
         return tokens
+
+    def _token_ids(self, packed: bytes) -> list[int]:
+        ids = array.array("i")
+        ids.frombytes(packed)
+        bad = next((t for t in ids if not 0 <= t < self._n_vocab), None)
+        if bad is not None:
+            raise RequestRejected(
+                "invalid_request", f"token id {bad} is outside the model's vocabulary (size {self._n_vocab})"
+            )
+        return ids.tolist()
 
     def _completion_tokens(self, prompt: str) -> list[int]:
         tokens = self._tokenize(prompt, add_bos=True)  # llama.cpp adds BOS iff the model wants

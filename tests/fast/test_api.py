@@ -264,3 +264,15 @@ def test_large_prompt_goes_through_blob_and_body_limit_is_413(client: TestClient
     r = client.post(CHAT, content=b"{" + b" " * (9 << 20) + b"}", headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert client.post(CHAT, json={"model": "default", "messages": [{"role": "user", "content": "ok"}]}).status_code == 200
+
+
+def test_completion_prompt_as_token_ids(client: TestClient) -> None:
+    for prompt in ([5, 6, 7], [[5, 6, 7]]):
+        r = client.post("/v1/completions", json={"model": "default", "prompt": prompt})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == "t5 t6 t7 "
+        assert r.json()["usage"]["prompt_tokens"] == 3
+    for bad in ([], [1, "a"], [-1], [1.5], [[1], [2]], ["a", "b"], [2**40]):
+        r = client.post("/v1/completions", json={"model": "default", "prompt": bad})
+        assert r.status_code == 400, (bad, r.text)
+        assert err(r)["param"] == "prompt"

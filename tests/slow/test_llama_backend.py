@@ -229,3 +229,17 @@ def test_cancel_flag_stops_a_long_prefill_between_chunks(backend: LlamaCppBacken
         assert text_of(drive(backend, chat(32, QUESTION))) == expected  # KV was freed
     finally:
         backend.cancelled = original
+
+
+def test_prompt_as_token_ids_matches_text_prompt(backend: LlamaCppBackend) -> None:
+    import array
+
+    text = "The capital of France is"
+    ids = backend._tokenize(text, add_bos=True)
+    sp = SamplingParams(max_tokens=8, temperature=0.0)
+    by_text = text_of(drive(backend, Submit(rid=40, params=sp, prompt=text)))
+    by_ids = text_of(drive(backend, Submit(rid=41, params=sp, prompt_ids=array.array("i", ids).tobytes())))
+    assert by_ids == by_text
+    with pytest.raises(RequestRejected) as info:
+        backend.submit(Submit(rid=42, params=sp, prompt_ids=array.array("i", [10**8]).tobytes()))
+    assert info.value.code == "invalid_request"
