@@ -30,6 +30,7 @@ class _Link:
     def __init__(self, ring: Ring, bell: Wakeup, decoder: msgspec.msgpack.Decoder[Any]) -> None:
         self.ring = ring
         self.bell = bell
+        self._raw_decode = decoder.decode
         self._decode = _decoder(decoder, ring)
         self.blobs: list[str] = []  # blob names written and maybe not yet read
 
@@ -60,6 +61,22 @@ class _Link:
             finally:
                 unlink_blob(record.name)
         return record
+
+    def read_all(self, out: list[Any], limit: int = 1 << 30) -> int:
+        """Append published records (at most ``limit``) to ``out``, blob references resolved."""
+        start = len(out)
+        try:
+            n = self.ring.pop_all(self._raw_decode, out, limit)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise RingError(f"{self.ring.name}: undecodable record: {e}") from e
+        for i in range(start, start + n):
+            record = out[i]
+            if isinstance(record, records.Blob):
+                try:
+                    out[i] = read_blob(record.name, record.nonce, record.size, self._decode)
+                finally:
+                    unlink_blob(record.name)
+        return n
 
     def unlink_blobs(self) -> None:
         for name in self.blobs:
@@ -133,19 +150,21 @@ class FrontEnd:
         """Clear ``rid``'s cancel bit before its Submit (its slot served rid - 4096 before)."""
         self.req.set_flag(rid, False)
 
-    def drain(self) -> list[records.ToFront]:
-        """Everything the engine has published; call when :meth:`fileno` is readable.
+    def drain(self, limit: int = 1024) -> list[records.ToFront]:
+        """What the engine has published, at most ``limit`` records; call when :meth:`fileno`
+        is readable. If the limit was reached the ring stays marked awake (the engine will not
+        ring): call again soon (:meth:`has_pending` says so) rather than sleep on the fd, so
+        one busy engine cannot hold the event loop.
 
         Raises :class:`~ipc.ring.RingError` if the ring is corrupt (treat as engine death).
         """
         self.to_front.drain()
         evt, link = self.evt, self._in
         evt.wake_up()
-        out = []
+        out: list[records.ToFront] = []
         while True:
-            while (record := link.read()) is not None:
-                out.append(record)
-            if evt.prepare_sleep():
+            link.read_all(out, limit - len(out))
+            if len(out) >= limit or evt.prepare_sleep():
                 return out
 
     def has_pending(self) -> bool:

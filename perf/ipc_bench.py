@@ -20,7 +20,8 @@ hits them alike; figures are medians over rounds, latency percentiles are over p
 
     .venv/bin/python perf/ipc_bench.py [--quick] [--cycles 100000] [--json PATH]
 
-``--quick`` is a smoke test (small counts, well under 20 s). Exit status 1 if a wake-up was lost.
+``--quick`` is a smoke test (small counts, well under 20 s). Exit status: 1 if a wake-up was lost,
+2 if a run failed (a child died, a deadline passed), 130 on Ctrl-C.
 Only the public channel API is used, so the figures stay comparable while the protocol changes.
 """
 
@@ -567,7 +568,8 @@ class PingPong:
 def _sigint_ignored_by_children() -> Iterator[None]:
     """Children started inside inherit SIGINT ignored, so a Ctrl-C while they import does not kill
     them with a traceback (the front stops them in order). A Ctrl-C in these few milliseconds is
-    ignored by the front too; blocking it instead does not help: ``Process.start`` unblocks it."""
+    ignored by the front too; blocking it instead does not help: ``Process.start`` unblocks it
+    (multiprocessing's resource tracker does, when it checks that its process runs)."""
     old_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
@@ -621,6 +623,7 @@ async def run_child(
             def on_exit() -> None:
                 loop.remove_reader(proc.sentinel)  # level-triggered: remove or spin
                 on_events()  # what the child wrote before it exited
+                proc.join(1)  # it has exited: this only reaps it, for the exit code
                 fail(BenchError(f"{front.name}: child exited (code {proc.exitcode}) before the end"))
 
             loop.add_reader(front.fileno(), on_events)
@@ -650,12 +653,16 @@ async def run_steps(name: str, job: Job, consumer: Consumer) -> None:
 # ---- measurements ----------------------------------------------------------------------------
 
 
-def _turns(rounds: int) -> Iterator[str]:
-    """Each transport once per round, the starting one rotating."""
+def _order(round_: int) -> list[str]:
+    """Every transport, starting with a different one each round."""
     names = list(TRANSPORTS)
+    k = round_ % len(names)
+    return names[k:] + names[:k]
+
+
+def _turns(rounds: int) -> Iterator[str]:
     for r in range(rounds):
-        k = r % len(names)
-        yield from names[k:] + names[:k]
+        yield from _order(r)
 
 
 def _median(values: Sequence[float]) -> float:
@@ -703,7 +710,7 @@ async def measure_latency(plan: Plan) -> Figures:
 
 async def measure_cpu(plan: Plan) -> Figures:
     per_token: dict[str, dict[str, list[float]]] = {}
-    for _ in range(plan.rounds):
+    for r in range(plan.rounds):
         for paced in (True, False):
             for seqs in plan.seqs:
                 if paced:
@@ -711,7 +718,7 @@ async def measure_cpu(plan: Plan) -> Figures:
                 else:
                     job = Job(steps=max(1, plan.unpaced_tokens // seqs), seqs=seqs)
                 row = per_token.setdefault(f"{seqs} seq/step, {'paced' if paced else 'unpaced'}", {})
-                for name in _turns(1):
+                for name in _order(r):
                     dispatcher = Dispatcher(job.steps, seqs)
                     await run_steps(name, job, dispatcher)
                     if dispatcher.tokens != job.steps * seqs:
@@ -764,9 +771,13 @@ def print_pingpong(figures: dict[str, float]) -> None:
         print(f"{metric:<44}{_fmt(value) if isinstance(value, float) else value:>12}")
 
 
+def lost_wakeups(pingpong: dict[str, float]) -> int:
+    return int(pingpong["timed-out cycles"] + pingpong["engine waits that slept through a request"])
+
+
 def check_targets(cpu: Figures, pingpong: dict[str, float]) -> list[dict[str, Any]]:
     ring8, pipe8 = cpu["8 seq/step, paced µs/tok"]["ring"], cpu["8 seq/step, paced µs/tok"]["pipe"]
-    lost = pingpong["timed-out cycles"] + pingpong["engine waits that slept through a request"]
+    lost = lost_wakeups(pingpong)
     return [
         {"target": "ring front CPU <= 0.6 µs/token at 8 seq/step (paced)", "ok": ring8 <= 0.6,
          "value": f"{ring8:.2f} µs/token"},
@@ -834,10 +845,12 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; children stopped and channels closed", file=sys.stderr)
         return 130
+    except BenchError as e:
+        print(f"ipc_bench: {e}", file=sys.stderr)
+        return 2
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    lost_ok = report["targets"][-1]["ok"]
-    return 0 if lost_ok else 1
+    return 1 if lost_wakeups(report["pingpong"]) else 0
 
 
 if __name__ == "__main__":

@@ -271,3 +271,21 @@ def test_out_of_sequence_frame_is_a_typed_error(ring: Ring) -> None:
     assert ring.pop(ident) == b"first!!!"
     with pytest.raises(RingError, match="sequence"):
         ring.pop(ident)
+
+
+def test_drain_is_bounded_and_resumes() -> None:
+    front = FrontEnd.create(1 << 16, 1 << 20)
+    end = EngineEnd(front.spec)
+    try:
+        for i in range(3000):
+            end.send(records.Step((records.Delta(i, "x", 1),)))
+        first = front.drain(limit=1024)
+        assert len(first) == 1024
+        assert front.has_pending()
+        assert not front.evt.consumer_sleeping()  # stays awake: the engine need not ring
+        rest = front.drain(limit=1024) + front.drain(limit=1024)
+        assert [r.deltas[0].rid for r in first + rest] == list(range(3000))  # type: ignore[union-attr]
+        assert not front.has_pending() and front.evt.consumer_sleeping()
+    finally:
+        end.close()
+        front.close()
