@@ -152,9 +152,9 @@ class FrontEnd:
 
     def drain(self, limit: int = 1024) -> list[records.ToFront]:
         """What the engine has published, at most ``limit`` records; call when :meth:`fileno`
-        is readable. If the limit was reached the ring stays marked awake (the engine will not
-        ring): call again soon (:meth:`has_pending` says so) rather than sleep on the fd, so
-        one busy engine cannot hold the event loop.
+        is readable. If the limit was reached with more waiting, the doorbell is rung again
+        here, so the loop comes back to this channel after serving everything else that is
+        ready: one busy engine cannot hold the event loop, and the caller need do nothing.
 
         Raises :class:`~ipc.ring.RingError` if the ring is corrupt (treat as engine death).
         """
@@ -164,7 +164,11 @@ class FrontEnd:
         out: list[records.ToFront] = []
         while True:
             link.read_all(out, limit - len(out))
-            if len(out) >= limit or evt.prepare_sleep():
+            if len(out) >= limit:
+                if evt.has_data():
+                    self.to_front.ring()
+                return out
+            if evt.prepare_sleep():
                 return out
 
     def has_pending(self) -> bool:

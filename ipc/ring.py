@@ -45,7 +45,7 @@ HEADER_SIZE = 1024
 FLAG_BITS = 4096
 _FLAGS = 512
 _HEAD = struct.Struct("<QIIQQQ")
-_FRAME = struct.Struct("<IHH")
+_FRAME = struct.Struct("<IHH")  # 8 bytes; _pop_all relies on that size
 _W = 128 // 8  # index of the write counter in the u64 view
 _R = 256 // 8
 _SLEEP = 264 // 8
@@ -293,7 +293,8 @@ class Ring:
 
 def _pop_all(ring: Ring, decode: Callable[[memoryview], T], out: list[T], limit: int) -> int:
     """Decode every published record into ``out``; returns how many. One load of the write
-    counter, one store of the read counter: the front's per-record cost is the decode itself."""
+    counter, one store of the read counter, and a tight loop (this is the front's hot path:
+    per record, little but the decode itself)."""
     u64, data, cap, mask = ring._u64, ring._data, ring.capacity, ring._mask
     r0 = r = u64[_R]
     w = u64[_W]
@@ -303,27 +304,32 @@ def _pop_all(ring: Ring, decode: Callable[[memoryview], T], out: list[T], limit:
         _ACQUIRE()
     if w - r > cap:
         raise RingError(f"{ring.name}: counters out of range (w={w}, r={r})")
-    unpack, fsize = _FRAME.unpack_from, _FRAME.size
+    unpack, append, data_kind, pad_kind = _FRAME.unpack_from, out.append, KIND_DATA, KIND_PAD
     seq = ring._rseq
     n = 0
+    view = None
     try:
         while r != w and n < limit:
             pos = r & mask
             length, kind, fseq = unpack(data, pos)
-            size = fsize + ((length + 7) & ~7)
+            body = pos + 8
+            size = 8 + ((length + 7) & ~7)
             if pos + size > cap or r + size > w:
                 raise RingError(f"{ring.name}: corrupt frame at {r} (len={length}, kind={kind})")
-            if kind == KIND_DATA:
+            if kind == data_kind:
                 if fseq != seq & 0xFFFF:
                     raise RingError(f"{ring.name}: record {seq} has sequence {fseq} (torn or stale frame)")
-                with data[pos + fsize : pos + fsize + length] as view:
-                    out.append(decode(view))
+                view = data[body : body + length]
+                append(decode(view))
+                view.release()
                 seq += 1
                 n += 1
-            elif kind != KIND_PAD:
+            elif kind != pad_kind:
                 raise RingError(f"{ring.name}: corrupt frame at {r} (len={length}, kind={kind})")
             r += size
     finally:
+        if view is not None:
+            view.release()  # a decode error left it held
         ring._rseq = seq
         if r != r0:
             if _RELEASE is not None:

@@ -114,9 +114,6 @@ class EngineConnection:
         try:
             for record in self.channel.drain():
                 self._dispatch(record)
-            if self.channel.has_pending() and not self._closed:
-                # drain() stopped at its limit: let other work run, then continue.
-                self._loop.call_soon(self._on_events)
         except RingError as e:
             # A corrupt ring means the engine cannot be trusted: treat it as dead.
             log.error("engine %s: %s; killing it", self.model_id, e)
