@@ -352,7 +352,7 @@ def sweep_orphans(shm_dir: str = "/dev/shm") -> list[str]:
             pid = int(entry.split(".")[1])
         except (IndexError, ValueError):
             continue
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         try:
             posix_ipc.unlink_shared_memory("/" + entry)
@@ -362,7 +362,7 @@ def sweep_orphans(shm_dir: str = "/dev/shm") -> list[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

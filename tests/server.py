@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from ipc.ring import pid_alive
+
 AXSERVING = [sys.executable, "-m", "axserving.cli"]
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,16 +34,6 @@ def shm_names() -> set[str]:
         return set()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def leaked(before: set[str], owners: set[int] = frozenset()) -> set[str]:  # type: ignore[assignment]
     """Ring names created since ``before`` that are ours to answer for: owned by this process,
     by one of ``owners``, or by a process that is gone. (Names of other live processes on the
@@ -53,7 +45,7 @@ def leaked(before: set[str], owners: set[int] = frozenset()) -> set[str]:  # typ
         except (IndexError, ValueError):
             out.add(name)
             continue
-        if pid == os.getpid() or pid in owners or not _alive(pid):
+        if pid == os.getpid() or pid in owners or not pid_alive(pid):
             out.add(name)
     return out
 

@@ -19,6 +19,22 @@ pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
+def signal_engine_mid_stream(oai: openai.OpenAI, pid: int, sig: signal.Signals) -> openai.APIError:
+    """Start a long stream, send ``sig`` to the engine after 3 tokens; the error that ends it."""
+    stream = oai.chat.completions.create(
+        model="default", stream=True, max_tokens=400, temperature=0.7, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}],
+    )
+    got = 0
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                got += 1
+                if got == 3:
+                    os.kill(pid, sig)
+    return info.value
+
+
 @pytest.fixture(scope="module")
 def server(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("real")
@@ -116,19 +132,8 @@ def test_engine_sigkill_mid_stream_recovers(server: Server, oai: openai.OpenAI) 
     before = shm_names()
     pid = server.engine_pid()
     assert pid
-    stream = oai.chat.completions.create(
-        model="default", stream=True, max_tokens=400, temperature=0.7,
-        extra_body={"ignore_eos": True},
-        messages=[{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}],
-    )
-    got = 0
-    with pytest.raises(openai.APIError) as info:
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                got += 1
-                if got == 3:
-                    os.kill(pid, signal.SIGKILL)
-    assert "engine" in str(info.value.message).lower()
+    error = signal_engine_mid_stream(oai, pid, signal.SIGKILL)
+    assert "engine" in str(error.message).lower()
     assert httpx.get(server.url + "/livez").status_code == 200
     server.wait_ready(120, previous_pid=pid)
     r = oai.chat.completions.create(model="default", messages=QUESTION, temperature=0, max_tokens=48)
@@ -146,18 +151,8 @@ def test_engine_hung_with_sigstop_is_replaced(default_model: Path, tmp_path: Pat
         oai = openai.OpenAI(base_url=s.v1, api_key=s.api_key, max_retries=0, timeout=120)
         pid = s.engine_pid()
         assert pid
-        stream = oai.chat.completions.create(
-            model="default", stream=True, max_tokens=400, extra_body={"ignore_eos": True},
-            messages=[{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}],
-        )
-        got = 0
-        with pytest.raises(openai.APIError) as info:
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    got += 1
-                    if got == 3:
-                        os.kill(pid, signal.SIGSTOP)
-        assert "hung" in str(info.value.message)
+        error = signal_engine_mid_stream(oai, pid, signal.SIGSTOP)
+        assert "hung" in str(error.message)
         s.wait_ready(120, previous_pid=pid)
         r = oai.chat.completions.create(model="default", messages=QUESTION, temperature=0, max_tokens=48)
         assert "paris" in (r.choices[0].message.content or "").lower()
