@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.process import BaseProcess
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +19,21 @@ from ipc.ring import HEADER_SIZE, Ring, RingError, sweep_orphans
 
 def ident(view: memoryview) -> bytes:
     return bytes(view)
+
+
+@contextmanager
+def spawned_engine(target, *args: object) -> Iterator[tuple[FrontEnd, BaseProcess]]:  # type: ignore[no-untyped-def]
+    """A channel and a spawned process running ``target(spec, *args)``; both always cleaned up."""
+    front = FrontEnd.create(1 << 16, 1 << 16)
+    proc = multiprocessing.get_context("spawn").Process(target=target, args=(front.spec, *args))
+    proc.start()
+    try:
+        yield front, proc
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        front.close()
 
 
 @pytest.fixture
@@ -105,10 +123,7 @@ def _echo_engine(spec) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_channel_across_processes() -> None:
-    front = FrontEnd.create(1 << 16, 1 << 16)
-    proc = multiprocessing.get_context("spawn").Process(target=_echo_engine, args=(front.spec,))
-    proc.start()
-    try:
+    with spawned_engine(_echo_engine) as (front, proc):
         params = records.SamplingParams(max_tokens=1)
         got: list[str] = []
         import select
@@ -130,10 +145,6 @@ def test_channel_across_processes() -> None:
         assert front.try_send(records.Shutdown())
         proc.join(10)
         assert proc.exitcode == 0
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        front.close()
 
 
 def test_blob_records_both_ways_across_processes() -> None:
@@ -143,10 +154,7 @@ def test_blob_records_both_ways_across_processes() -> None:
     from tests.server import leaked, shm_names
 
     before = shm_names()
-    front = FrontEnd.create(1 << 16, 1 << 16)
-    proc = multiprocessing.get_context("spawn").Process(target=_echo_engine, args=(front.spec,))
-    proc.start()
-    try:
+    with spawned_engine(_echo_engine) as (front, proc):
         params = records.SamplingParams(max_tokens=1)
         sizes = [10, 100_000, 20, 300_000, 5]
         for i, n in enumerate(sizes):
@@ -160,10 +168,6 @@ def test_blob_records_both_ways_across_processes() -> None:
         proc.join(10)
         assert proc.exitcode == 0
         assert not {n for n in leaked(before) if n.endswith(".blob")}
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        front.close()
 
 
 def test_sweep_removes_names_of_dead_owners() -> None:
@@ -220,10 +224,7 @@ def test_no_lost_wakeups_in_sleep_wake_cycles() -> None:
     import time
 
     cycles = 3000
-    front = FrontEnd.create(1 << 16, 1 << 16)
-    proc = multiprocessing.get_context("spawn").Process(target=_pingpong_engine, args=(front.spec, cycles))
-    proc.start()
-    try:
+    with spawned_engine(_pingpong_engine, cycles) as (front, proc):
         params = records.SamplingParams(max_tokens=1)
         slow = 0
         for i in range(cycles):
@@ -240,10 +241,6 @@ def test_no_lost_wakeups_in_sleep_wake_cycles() -> None:
         assert slow == 0
         proc.join(10)
         assert proc.exitcode == 0
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        front.close()
 
 
 def test_cancel_flags(ring: Ring) -> None:
