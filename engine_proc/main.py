@@ -92,6 +92,13 @@ class EngineLoop:
         go out with a later step; the front sees fewer, larger records and loses nothing.
         """
         pending = self._pending
+        if not pending:  # the usual case: this step's deltas, as they are
+            if not deltas:
+                return
+            step = records.Step(tuple(deltas))
+            payload = records.encode(step)
+            if self.channel.try_send(payload):
+                return
         for d in deltas:
             old = pending.get(d.rid)
             pending[d.rid] = d if old is None else records.merge(old, d)

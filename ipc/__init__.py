@@ -1,7 +1,7 @@
 """Shared-memory rings, wake-ups and record types between the front and its engines."""
 
 from ipc.channel import ChannelSpec, EngineEnd, FrontEnd
-from ipc.ring import Ring, RingError, RingFull, sweep_orphans
+from ipc.ring import Ring, RingError, sweep_orphans
 from ipc.wakeup import Wakeup
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "FrontEnd",
     "Ring",
     "RingError",
-    "RingFull",
     "Wakeup",
     "sweep_orphans",
 ]

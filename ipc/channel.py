@@ -12,7 +12,7 @@ import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
@@ -21,7 +21,6 @@ from ipc.blob import blob_exists, read_blob, unlink_blob, write_blob
 from ipc.ring import Ring, RingError
 from ipc.wakeup import Wakeup
 
-T = TypeVar("T")
 
 
 class _Link:
@@ -30,8 +29,7 @@ class _Link:
     def __init__(self, ring: Ring, bell: Wakeup, decoder: msgspec.msgpack.Decoder[Any]) -> None:
         self.ring = ring
         self.bell = bell
-        self._raw_decode = decoder.decode
-        self._decode = _decoder(decoder, ring)
+        self._decode = decoder.decode
         self.blobs: list[str] = []  # blob names written and maybe not yet read
 
     def try_write(self, payload: bytes) -> bool:
@@ -54,28 +52,23 @@ class _Link:
         return True
 
     def read(self) -> Any:
-        record = self.ring.pop(self._decode)
-        if isinstance(record, records.Blob):
-            try:
-                return read_blob(record.name, record.nonce, record.size, self._decode)
-            finally:
-                unlink_blob(record.name)
-        return record
+        out: list[Any] = []
+        return out[0] if self.read_all(out, 1) else None
 
     def read_all(self, out: list[Any], limit: int = 1 << 30) -> int:
         """Append published records (at most ``limit``) to ``out``, blob references resolved."""
         start = len(out)
         try:
-            n = self.ring.pop_all(self._raw_decode, out, limit)
+            n = self.ring.pop_all(self._decode, out, limit)
+            for i in range(start, start + n):
+                record = out[i]
+                if isinstance(record, records.Blob):
+                    try:
+                        out[i] = read_blob(record.name, record.nonce, record.size, self._decode)
+                    finally:
+                        unlink_blob(record.name)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise RingError(f"{self.ring.name}: undecodable record: {e}") from e
-        for i in range(start, start + n):
-            record = out[i]
-            if isinstance(record, records.Blob):
-                try:
-                    out[i] = read_blob(record.name, record.nonce, record.size, self._decode)
-                finally:
-                    unlink_blob(record.name)
         return n
 
     def unlink_blobs(self) -> None:
@@ -92,16 +85,6 @@ class ChannelSpec:
     evt_nonce: int
     to_engine: Wakeup
     to_front: Wakeup
-
-
-def _decoder(decoder: msgspec.msgpack.Decoder[T], ring: Ring) -> Callable[[memoryview], T]:
-    def decode(view: memoryview) -> T:
-        try:
-            return decoder.decode(view)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise RingError(f"{ring.name}: undecodable record: {e}") from e
-
-    return decode
 
 
 class FrontEnd:
@@ -137,9 +120,6 @@ class FrontEnd:
     def try_send(self, record: records.ToEngine) -> bool:
         """Write one request if there is room now (never waits)."""
         return self._out.try_write(records.encode(record))
-
-    def recv(self) -> records.ToFront | None:
-        return self._in.read()  # type: ignore[no-any-return]
 
     def cancel(self, rid: int) -> None:
         """Flag ``rid`` cancelled where the engine looks between prefill chunks (the Abort record

@@ -64,10 +64,6 @@ class RingError(Exception):
     """The ring cannot be used: bad header, wrong nonce, corrupt frame. Treat as engine death."""
 
 
-class RingFull(Exception):
-    """Not enough free space for the record right now."""
-
-
 class RecordTooLarge(ValueError):
     """The record can never fit this ring (larger than a quarter of it)."""
 
@@ -84,7 +80,7 @@ def ring_name(role: str) -> str:
 class Ring:
     """One end of a ring. Create with :meth:`create` (front) or :meth:`attach` (engine)."""
 
-    def __init__(self, name: str, mm: mmap.mmap, nonce: int, owner: bool) -> None:
+    def __init__(self, name: str, mm: mmap.mmap, nonce: int) -> None:
         self.name = name
         self._mm = mm
         self._buf = memoryview(mm)
@@ -93,7 +89,6 @@ class Ring:
         self._mask = self.capacity - 1
         self._data = self._buf[HEADER_SIZE:]
         self.nonce = nonce
-        self.owner = owner
         self._unlinked = False
         self._wseq = 0  # producer: records written (low 16 bits go in the frame)
         self._rseq = 0  # consumer: records read
@@ -118,7 +113,7 @@ class Ring:
         shm.close_fd()
         nonce = secrets.randbits(64)
         _HEAD.pack_into(mm, 0, MAGIC, VERSION, HEADER_SIZE, capacity, nonce, os.getpid())
-        ring = cls(name, mm, nonce, owner=True)
+        ring = cls(name, mm, nonce)
         ring._u64[_W] = 0
         ring._u64[_R] = 0
         ring._u64[_SLEEP] = 1  # the consumer has not started: wake it for the first record
@@ -145,7 +140,7 @@ class Ring:
         if got_nonce != nonce:
             mm.close()
             raise RingError(f"{name}: stale ring (nonce mismatch)")
-        return cls(name, mm, nonce, owner=False)
+        return cls(name, mm, nonce)
 
     def unlink(self) -> None:
         """Remove the name (the mapping stays valid). Idempotent."""
@@ -256,39 +251,9 @@ class Ring:
         return _pop_all(self, decode, out, limit)
 
     def pop(self, decode: Callable[[memoryview], T]) -> T | None:
-        """Decode the next record in place and consume it; None when the ring is empty.
-
-        ``decode`` must not keep the view: it is released as soon as ``decode`` returns.
-        """
-        r = self._u64[_R]
-        w = self._u64[_W]
-        if _ACQUIRE is not None:
-            _ACQUIRE()  # the counter before the payload it publishes
-        while r != w:
-            if w - r > self.capacity:
-                raise RingError(f"{self.name}: counters out of range (w={w}, r={r})")
-            pos = r & self._mask
-            length, kind, seq = _FRAME.unpack_from(self._data, pos)
-            size = _FRAME.size + _align8(length)
-            if pos + size > self.capacity or r + size > w or kind not in (KIND_DATA, KIND_PAD):
-                raise RingError(f"{self.name}: corrupt frame at {r} (len={length}, kind={kind})")
-            if kind == KIND_PAD:
-                r += size
-                self._u64[_R] = r
-                continue
-            if seq != self._rseq & 0xFFFF:
-                raise RingError(f"{self.name}: record {self._rseq} has sequence {seq} (torn or stale frame)")
-            self._rseq += 1
-            view = self._data[pos + _FRAME.size : pos + _FRAME.size + length]
-            try:
-                record = decode(view)
-            finally:
-                view.release()
-            if _RELEASE is not None:
-                _RELEASE()  # done reading before the producer may reuse the space
-            self._u64[_R] = r + size
-            return record
-        return None
+        """Decode the next record in place and consume it; None when the ring is empty."""
+        out: list[T] = []
+        return out[0] if _pop_all(self, decode, out, 1) else None
 
 
 def _pop_all(ring: Ring, decode: Callable[[memoryview], T], out: list[T], limit: int) -> int:

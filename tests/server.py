@@ -151,7 +151,7 @@ def stop(server: Server, timeout: float = 20) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
-            raise AssertionError(f"server did not stop on SIGTERM within {timeout}s:\n{server.log()}")
+            raise AssertionError(f"server did not stop on SIGTERM within {timeout}s:\n{server.log()}") from None
     # Nothing the server started may outlive it (allow a moment for the last exits).
     deadline = time.monotonic() + 5
     while (left := _group_members(proc.pid)) and time.monotonic() < deadline:

@@ -24,6 +24,7 @@ from axserving.errors import (
     ServiceUnavailable,
     from_engine_failure,
 )
+from engine_proc.backends.base import BackendConfig
 from engine_proc.main import EngineSpec, engine_main
 from ipc import records
 from ipc.channel import FrontEnd
@@ -40,7 +41,7 @@ class EngineConnection:
         self,
         model_id: str,
         backend: str,
-        backend_config: object,
+        backend_config: BackendConfig,
         request_ring_bytes: int,
         event_ring_bytes: int,
         log_level: str,
@@ -51,7 +52,7 @@ class EngineConnection:
         self.spec = EngineSpec(
             model_id=model_id,
             backend=backend,
-            config=backend_config,  # type: ignore[arg-type]
+            config=backend_config,
             channel=self.channel.spec,
             front_pid=os.getpid(),
             log_level=log_level.upper(),
@@ -65,7 +66,6 @@ class EngineConnection:
         self._rids = itertools.count(1)
         self._loop = asyncio.get_running_loop()
         self._closed = False
-        self.on_step: Callable[[records.Step], None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._safety: asyncio.TimerHandle | None = None
         self._pidfd: int | None = None
@@ -139,8 +139,6 @@ class EngineConnection:
                     stream.push(delta)
                     if delta.finish_reason is not None:
                         del streams[delta.rid]
-            if self.on_step is not None:
-                self.on_step(record)
         elif isinstance(record, records.Failed):
             failed = self._streams.pop(record.rid, None)
             if failed is not None:

@@ -71,10 +71,6 @@ class RequestStream:
 
     # ---- consumer side (the route) -----------------------------------------------------------
 
-    @property
-    def finished(self) -> bool:
-        return self._delivered
-
     async def next(self) -> Chunk | None:
         """The output since the last call (merged), or None once the final chunk went out.
 

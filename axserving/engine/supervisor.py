@@ -53,7 +53,6 @@ class EngineSupervisor:
         self.last_error: str | None = None
         self.info: records.Ready | None = None
         self.conn: EngineConnection | None = None
-        self.on_step: Callable[[records.Step], None] | None = None
         self._on_event = on_event
         self._state_changed = asyncio.Event()
         self._stopping = False
@@ -162,7 +161,6 @@ class EngineSupervisor:
                 self.log_level,
                 self.settings.nice,
             )
-            conn.on_step = self.on_step
             conn.start()
             self.conn = conn
             started = time.monotonic()

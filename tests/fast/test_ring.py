@@ -129,8 +129,7 @@ def test_channel_across_processes() -> None:
         import select
 
         def drain() -> None:
-            front.to_front.drain()
-            while (rec := front.recv()) is not None:
+            for rec in front.drain():
                 assert isinstance(rec, records.Step)
                 got.extend(d.text for d in rec.deltas)
 
