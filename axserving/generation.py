@@ -76,12 +76,14 @@ class _Outcome:
         self.finish: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
         self.ttft: float | None = None
         self._done = False
 
     def tokens(self, chunk: Chunk, stream: RequestStream) -> None:
         self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
         self.completion_tokens = chunk.completion_tokens
+        self.cached_tokens = chunk.cached_tokens or self.cached_tokens
         if chunk.finish_reason:
             self.finish = chunk.finish_reason
         if self.ttft is None and stream.first_token_at is not None:
@@ -100,6 +102,7 @@ class _Outcome:
         if self.ttft is not None:
             m.ttft.labels(model).observe(self.ttft)
         m.prompt_tokens.labels(model).inc(self.prompt_tokens)
+        m.cached_prompt_tokens.labels(model).inc(self.cached_tokens)
         m.generation_tokens.labels(model).inc(self.completion_tokens)
         if self.finish:
             m.finish.labels(model, self.finish).inc()
@@ -138,7 +141,9 @@ async def generate(request: Request, state: AppState, job: Job) -> Response:
                 _sse(job, stream, first, outcome), headers=headers, sep="\n", ping=15
             )
         text = await until_disconnect(request, _collect(stream, first, outcome))
-        body = job.shape.complete(text, outcome.finish, outcome.prompt_tokens, outcome.completion_tokens)
+        body = job.shape.complete(
+            text, outcome.finish, outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens
+        )
         return json_response(body, headers=headers)
     except ClientDisconnected:
         outcome.status = CLIENT_CLOSED
@@ -182,7 +187,7 @@ async def _sse(job: Job, stream: RequestStream, first: Chunk | None, outcome: _O
                     yield shape.chunk(chunk.text, chunk.finish_reason)
                 chunk = await stream.next()
             if shape.include_usage:
-                yield shape.usage_chunk(outcome.prompt_tokens, outcome.completion_tokens)
+                yield shape.usage_chunk(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
         except APIError as e:
             # Mid-stream failure (engine died, timeout): a final error frame, then [DONE].
             outcome.status = e.status

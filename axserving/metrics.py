@@ -18,6 +18,9 @@ class Metrics:
             "axs_request_finish", "Finished generations by finish reason", ["model", "reason"], registry=r
         )
         self.prompt_tokens = Counter("axs_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.cached_prompt_tokens = Counter(
+            "axs_prompt_tokens_cached", "Prompt tokens reused from the KV cache (prefix hits)", ["model"], registry=r
+        )
         self.generation_tokens = Counter(
             "axs_generation_tokens", "Tokens generated", ["model"], registry=r
         )

@@ -10,11 +10,14 @@ from typing import Any, ClassVar
 import orjson
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        # OpenAI's field for prompt tokens served from a cache (here: KV reused from an
+        # earlier request sharing the prefix).
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -45,9 +48,9 @@ class Shape:
     def sse(self, payload: dict[str, Any]) -> str:
         return orjson.dumps(payload).decode()
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> str:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> str:
         body = self._envelope(self.chunk_object, [])
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return self.sse(body)
 
 
@@ -64,7 +67,9 @@ class ChatShape(Shape):
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return self.sse(self._with_usage_field(self._envelope(self.chunk_object, [choice])))
 
-    def complete(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def complete(
+        self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict[str, Any]:
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text},
@@ -72,7 +77,7 @@ class ChatShape(Shape):
             "finish_reason": finish_reason,
         }
         body = self._envelope("chat.completion", [choice])
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return body
 
 
@@ -87,8 +92,10 @@ class CompletionShape(Shape):
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return self.sse(self._with_usage_field(self._envelope(self.chunk_object, [choice])))
 
-    def complete(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def complete(
+        self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict[str, Any]:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         body = self._envelope("text_completion", [choice])
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return body

@@ -84,6 +84,7 @@ class Delta(msgspec.Struct, **_STRUCT):
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0  # set on the first delta and the last one
     completion_tokens: int = 0  # running total
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache; set with prompt_tokens
 
 
 def merge(older: Delta, newer: Delta) -> Delta:
@@ -95,6 +96,7 @@ def merge(older: Delta, newer: Delta) -> Delta:
         newer.finish_reason,
         newer.prompt_tokens or older.prompt_tokens,
         newer.completion_tokens,
+        newer.cached_tokens or older.cached_tokens,
     )
 
 

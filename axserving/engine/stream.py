@@ -24,6 +24,7 @@ class Chunk:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int
 
 
 class RequestStream:
@@ -36,6 +37,7 @@ class RequestStream:
         self._finish: str | None = None
         self._prompt_tokens = 0
         self._completion_tokens = 0
+        self._cached_tokens = 0
         self._error: APIError | None = None
         self._done = False  # the engine is finished with this request (finish or error)
         self._delivered = False  # the final chunk went out
@@ -57,6 +59,7 @@ class RequestStream:
         self._n_tokens += delta.n_tokens
         self._prompt_tokens = delta.prompt_tokens or self._prompt_tokens
         self._completion_tokens = delta.completion_tokens
+        self._cached_tokens = delta.cached_tokens or self._cached_tokens
         if delta.finish_reason is not None:
             self._finish = delta.finish_reason
             self._done = True
@@ -101,6 +104,7 @@ class RequestStream:
             self._finish,
             self._prompt_tokens,
             self._completion_tokens,
+            self._cached_tokens,
         )
         self._parts.clear()
         self._n_tokens = 0
