@@ -1,0 +1,201 @@
+"""Serving benchmark: load on any OpenAI-compatible server at several concurrency levels.
+
+For each level, ``c`` workers send requests back to back (a request count, or for a duration),
+each with its own prompt; the report gives vLLM's serving metrics (TTFT, TPOT, ITL, e2e latency:
+mean, p50, p90, p95, p99; request and output-token throughput) over the successful requests, and
+counts failures by kind: HTTP errors, error frames, and 200 replies that delivered nothing (empty)
+or stopped early (truncated), so a server that answers 200 with nothing is caught, not timed.
+
+With ``--compare URL`` the same workload runs against a second server too, the two alternating
+level by level (and round by round, the order flipping each time) so that machine noise hits both
+alike; the report ends with ours/theirs ratios. Run it against ``axserving run`` and
+llama-cpp-python's own server on the same model and threads (``pip install -e '.[perf]'``)::
+
+    AXS_API_KEY=sk-local .venv/bin/axserving run --threads 2 &
+    .venv/bin/python -m llama_cpp.server --model "$(.venv/bin/axserving models path)" \\
+        --n_threads 2 --port 18081 &
+    .venv/bin/python perf/bench_serving.py --url http://127.0.0.1:18080 --api-key sk-local \\
+        --compare http://127.0.0.1:18081 --eos-token-id 2 --concurrency 1,4,8 --json bench.json
+
+(``axserving bench serve`` takes the same flags.) ``llama_cpp.server`` ignores ``ignore_eos``;
+``--eos-token-id`` also sends a ``logit_bias`` that forbids the model's end token (2 is
+SmolLM2-Instruct's ``<|im_end|>``), so both servers generate ``--max-tokens`` for every request.
+It also serializes requests, and by default (``--interrupt_requests True``) a new request cuts the
+running stream off: those come back as 200 with no content (closed connection), counted as empty.
+Pass ``--interrupt_requests False`` to measure it queueing instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import orjson
+
+from axserving.bench import workload
+from axserving.bench.client import Call, Outcome, send
+from axserving.bench.options import BenchConfig, Target, add_arguments, config_from_args
+from axserving.bench.report import LevelSummary, Ratio, ratios, render, summarize
+
+SETTLE_S = 0.5  # between runs, so one server's tail does not overlap the other's start
+WARMUP_INDEX = 1_000_000_000  # warm-up prompts never share an index with measured ones
+
+
+def _call(cfg: BenchConfig, target: Target) -> Call:
+    headers = {"Content-Type": "application/json"}
+    if target.api_key:
+        headers["Authorization"] = f"Bearer {target.api_key}"
+    return Call(
+        url=target.v1 + workload.path(cfg), headers=headers, chat=cfg.endpoint.value == "chat",
+        stream=cfg.stream, max_tokens=cfg.max_tokens, ignore_eos=cfg.ignore_eos,
+    )
+
+
+@dataclasses.dataclass
+class _Run:
+    outcomes: list[Outcome]
+    duration_s: float
+    cpu_s: float
+
+
+async def run_level(
+    client: httpx.AsyncClient, cfg: BenchConfig, target: Target, concurrency: int, first_index: int
+) -> _Run:
+    """``concurrency`` workers sending requests back to back until the count (or duration) is
+    reached; request indices start at ``first_index``."""
+    call = _call(cfg, target)
+    outcomes: list[Outcome] = []
+    count = cfg.requests_for(concurrency) if cfg.duration_s is None else None
+    next_index = first_index
+    t0 = time.perf_counter()
+    deadline = t0 + cfg.duration_s if cfg.duration_s is not None else None
+
+    async def worker() -> None:
+        nonlocal next_index
+        while True:
+            if count is not None and next_index - first_index >= count:
+                return
+            if deadline is not None and time.perf_counter() >= deadline:
+                return
+            index = next_index
+            next_index += 1
+            outcomes.append(await send(client, call, index, workload.request_body(cfg, target, index)))
+
+    cpu0 = time.process_time()
+    async with asyncio.TaskGroup() as tg:
+        for w in range(concurrency):
+            tg.create_task(worker(), name=f"bench-{target.name}-c{concurrency}-w{w}")
+    return _Run(sorted(outcomes, key=lambda o: o.index), time.perf_counter() - t0, time.process_time() - cpu0)
+
+
+async def warm_up(client: httpx.AsyncClient, cfg: BenchConfig, target: Target) -> None:
+    call = _call(cfg, target)
+    for k in range(cfg.warmup):
+        await send(client, call, WARMUP_INDEX + k, workload.request_body(cfg, target, WARMUP_INDEX + k))
+
+
+@dataclasses.dataclass
+class BenchResult:
+    config: BenchConfig
+    summaries: list[LevelSummary]
+    ratios: list[Ratio]
+
+    def for_target(self, name: str) -> list[LevelSummary]:
+        return [s for s in self.summaries if s.target == name]
+
+    def to_json(self) -> bytes:
+        body: dict[str, Any] = {
+            "config": dataclasses.asdict(self.config),
+            "levels": [dataclasses.asdict(s) for s in self.summaries],
+            "ratios": [dataclasses.asdict(r) for r in self.ratios],
+        }
+        for t in body["config"]["targets"]:
+            t["api_key"] = "***" if t["api_key"] else None
+        return orjson.dumps(body, option=orjson.OPT_INDENT_2)
+
+
+def _progress(cfg: BenchConfig, message: str) -> None:
+    if not cfg.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+async def run(cfg: BenchConfig) -> BenchResult:
+    """Run every level against every target, alternating targets, and summarize."""
+    limits = httpx.Limits(max_connections=max(cfg.concurrency) * len(cfg.targets) + 4,
+                          max_keepalive_connections=max(cfg.concurrency) * len(cfg.targets) + 4)
+    timeout = httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 30.0))
+    # One client for the whole run: a client per request costs tens of ms of CPU here.
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+        for target in cfg.targets:
+            _progress(cfg, f"[{target.name}] warm-up: {cfg.warmup} request(s) to {target.v1}")
+            await warm_up(client, cfg, target)
+        runs: dict[tuple[str, int], list[_Run]] = {}
+        next_index = dict.fromkeys((t.name for t in cfg.targets), 0)
+        turn = 0
+        for concurrency in cfg.concurrency:
+            for rnd in range(cfg.rounds):
+                order = cfg.targets if turn % 2 == 0 else tuple(reversed(cfg.targets))
+                turn += 1
+                for target in order:
+                    await asyncio.sleep(SETTLE_S)
+                    r = await run_level(client, cfg, target, concurrency, next_index[target.name])
+                    next_index[target.name] += len(r.outcomes)
+                    runs.setdefault((target.name, concurrency), []).append(r)
+                    bad = sum(o.kind.value != "ok" for o in r.outcomes)
+                    _progress(cfg, f"[{target.name}] conc {concurrency} round {rnd + 1}/{cfg.rounds}: "
+                                   f"{len(r.outcomes)} requests in {r.duration_s:.1f} s, {bad} failed")
+    summaries = [
+        summarize(
+            target.name, concurrency, cfg.rounds,
+            [o for r in runs[(target.name, concurrency)] for o in r.outcomes],
+            sum(r.duration_s for r in runs[(target.name, concurrency)]),
+            sum(r.cpu_s for r in runs[(target.name, concurrency)]),
+        )
+        for target in cfg.targets
+        for concurrency in cfg.concurrency
+    ]
+    result = BenchResult(cfg, summaries, [])
+    if len(cfg.targets) == 2:
+        result.ratios = ratios(result.for_target(cfg.targets[0].name), result.for_target(cfg.targets[1].name))
+    return result
+
+
+def run_sync(cfg: BenchConfig) -> BenchResult:
+    """:func:`run` on a fresh event loop (uvloop where installed: less client CPU per chunk)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(run(cfg))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(run(cfg))
+
+
+def main_with_args(args: argparse.Namespace) -> int:
+    """Entry point once flags are parsed (shared by ``axserving bench serve``)."""
+    env_key = (os.environ.get("AXS_API_KEY") or "").split(",")[0].strip() or None
+    try:
+        cfg = config_from_args(args, env_api_key=env_key)
+    except ValueError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    result = run_sync(cfg)
+    print(render(result.summaries, result.ratios))
+    if cfg.json_path:
+        with open(cfg.json_path, "wb") as f:
+            f.write(result.to_json())
+        _progress(cfg, f"results written to {cfg.json_path}")
+    # Exit 1 when the server under test failed any request (the peer's failures are only reported).
+    return 1 if any(s.failed for s in result.for_target(cfg.targets[0].name)) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_serving", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    add_arguments(parser)
+    return main_with_args(parser.parse_args(argv))

@@ -1,0 +1,257 @@
+"""The serving bench (axserving.bench): against the real server on the fake backend, metrics are
+sane; against a tiny misbehaving server, 200 replies that deliver nothing or stop early are
+counted as empty/truncated, never as fast successes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from axserving.bench.client import Call, Kind, send
+from axserving.bench.options import BenchConfig, Endpoint, Target
+from axserving.bench.report import LevelSummary, percentile
+from axserving.bench.serving import main, run_sync
+from axserving.bench.workload import prompt_text
+from axserving.cli import build_parser
+from tests.server import run_server
+
+
+def config(*targets: Target, **kw: object) -> BenchConfig:
+    base: dict[str, object] = dict(
+        targets=targets, concurrency=(1, 4), num_requests=None, duration_s=None, rounds=1, prompt_words=40,
+        max_tokens=16, ignore_eos=True, eos_token_ids=(), stream=True, endpoint=Endpoint.chat, temperature=0.0,
+        warmup=1, timeout_s=30.0, json_path=None, quiet=True,
+    )
+    base.update(kw)
+    return BenchConfig(**base)  # type: ignore[arg-type]
+
+
+def test_prompts_are_distinct_and_about_the_asked_length() -> None:
+    prompts = [prompt_text(i, 64) for i in range(200)]
+    assert len(set(prompts)) == 200
+    assert all(60 <= len(p.split()) <= 68 for p in prompts)
+    assert prompt_text(7, 64) == prompt_text(7, 64)  # the same workload on every server
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+
+
+def _check_level(s: LevelSummary, requests: int, streamed: bool) -> None:
+    assert s.requests == s.ok == requests, s
+    assert s.failed == 0 and s.failures == {}
+    assert s.tokens_from == "usage" and s.output_tokens == 16 * s.ok
+    assert s.finish_reasons == {"length": s.ok}
+    assert s.request_throughput > 0 and s.output_throughput > 0
+    assert s.e2e is not None and 0 < s.e2e.p50 <= s.e2e.p90 <= s.e2e.p99 <= s.e2e.max
+    if not streamed:
+        assert s.ttft is None and s.tpot is None and s.itl is None
+        return
+    assert s.ttft is not None and s.tpot is not None and s.itl is not None
+    assert 0 < s.ttft.p50 <= s.ttft.p90 <= s.ttft.p95 <= s.ttft.p99 <= s.ttft.max
+    assert 0 < s.tpot.p50 <= s.tpot.p99
+    assert 0 < s.itl.n <= 15 * s.ok  # at most one gap per token after the first
+    assert s.ttft.p50 < s.e2e.p50
+
+
+def test_against_real_server_on_fake_backend(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=5") as server:
+        target = Target("ours", server.url, "default", server.api_key)
+        # The fake backend echoes the prompt word by word: 40 words, so it reaches max_tokens=16.
+        streamed = run_sync(config(target))
+        whole = run_sync(config(target, stream=False, concurrency=(2,), num_requests=4, warmup=0))
+    assert [s.concurrency for s in streamed.summaries] == [1, 4]
+    for s in streamed.summaries:
+        _check_level(s, max(8, 4 * s.concurrency), streamed=True)
+    (s,) = whole.summaries
+    _check_level(s, 4, streamed=False)
+
+
+def test_cli_writes_json_and_exits_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=2") as server:
+        args = build_parser().parse_args([
+            "bench", "serve", "--url", server.url, "--api-key", str(server.api_key), "--concurrency", "2",
+            "--num-requests", "4", "--max-tokens", "8", "--endpoint", "completions", "--json", str(out), "--quiet",
+        ])
+        from axserving.bench.serving import main_with_args
+
+        assert main_with_args(args) == 0
+    table = capsys.readouterr().out
+    assert "TTFT p50" in table and "ours" in table
+    body = orjson.loads(out.read_bytes())
+    (level,) = body["levels"]
+    assert level["ok"] == 4 and level["output_tokens"] == 32
+    assert body["config"]["targets"][0]["api_key"] == "***"
+
+
+# --- a tiny misbehaving server: the request's "model" picks the misbehaviour --------------------
+
+GOOD_TOKENS = 16
+
+
+def _sse(obj: object) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _chunk(text: str | None, finish: str | None = None) -> bytes:
+    delta = {"content": text} if text else {}
+    return _sse({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+def _stream_events(model: str) -> list[bytes]:
+    usage = _sse({"choices": [], "usage": {"completion_tokens": GOOD_TOKENS}})
+    tokens = [_chunk(f"t{i} ") for i in range(GOOD_TOKENS - 1)] + [_chunk("end", "length")]
+    if model == "good":
+        return [_chunk(""), *tokens, usage, b"data: [DONE]\n\n"]
+    if model == "empty":
+        return [b"data: [DONE]\n\n"]
+    if model == "silent":  # 200 and no events at all
+        return []
+    if model == "no-done":  # content and a finish_reason, then the stream just ends
+        return tokens
+    if model == "no-finish":
+        return [_chunk("a"), _chunk("b"), b"data: [DONE]\n\n"]
+    if model == "short":  # stops at EOS although ignore_eos was asked
+        return [_chunk("a"), _chunk("b", "stop"), _sse({"choices": [], "usage": {"completion_tokens": 2}}),
+                b"data: [DONE]\n\n"]
+    if model == "error-frame":
+        return [_chunk("a"), _sse({"error": {"message": "engine died", "type": "engine_unavailable"}}),
+                b"data: [DONE]\n\n"]
+    raise AssertionError(model)
+
+
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            body = orjson.loads(await reader.readexactly(length))
+            model = body["model"]
+            if model == "http-503":
+                msg = b'{"error": {"message": "busy"}}'
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(msg), msg))
+                await writer.drain()
+                continue
+            if model == "cut":  # chunked body broken off mid-stream: the connection just closes
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n")
+                ev = _chunk("a")
+                writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+                await writer.drain()
+                await asyncio.sleep(0.01)
+                return
+            events = _stream_events(model)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            for ev in events:
+                writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+@contextmanager
+def misbehaving_server() -> Iterator[str]:
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    state: dict[str, object] = {}
+
+    async def serve() -> None:
+        server = await asyncio.start_server(_handle, "127.0.0.1", 0)
+        state["server"] = server
+        state["port"] = server.sockets[0].getsockname()[1]
+        started.set()
+        async with server:
+            await server.serve_forever()
+
+    def thread_main() -> None:
+        try:
+            loop.run_until_complete(serve())
+        except asyncio.CancelledError:
+            pass
+
+    thread = threading.Thread(target=thread_main, name="misbehaving-server", daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield f"http://127.0.0.1:{state['port']}"
+    finally:
+        server = state["server"]
+        loop.call_soon_threadsafe(server.close)  # type: ignore[attr-defined]
+        for task in asyncio.all_tasks(loop):
+            loop.call_soon_threadsafe(task.cancel)
+        thread.join(10)
+        loop.close()
+        assert not thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    ("model", "kind"),
+    [
+        ("good", Kind.ok),
+        ("empty", Kind.empty),
+        ("silent", Kind.empty),
+        ("no-done", Kind.truncated),
+        ("no-finish", Kind.truncated),
+        ("short", Kind.truncated),
+        ("cut", Kind.truncated),
+        ("error-frame", Kind.error_frame),
+        ("http-503", Kind.http_error),
+    ],
+)
+def test_misbehaviour_is_classified(model: str, kind: Kind) -> None:
+    with misbehaving_server() as url:
+        call = Call(url + "/v1/chat/completions", {}, chat=True, stream=True, max_tokens=GOOD_TOKENS, ignore_eos=True)
+
+        async def go() -> object:
+            async with httpx.AsyncClient(timeout=10) as client:
+                return await send(client, call, 0, {"model": model})
+
+        out = asyncio.run(go())
+    assert out.kind is kind, out  # type: ignore[attr-defined]
+    if kind is Kind.ok:
+        assert out.output_tokens == GOOD_TOKENS and out.tokens_from == "usage"  # type: ignore[attr-defined]
+
+
+def test_empty_peer_is_failures_not_fast_requests(capsys: pytest.CaptureFixture[str]) -> None:
+    """A compare run where the peer answers 200 with nothing: all its requests are failures, its
+    throughput is zero, and the ratios say so; the good server is all ok."""
+    with misbehaving_server() as url:
+        good = Target("ours", url, "good", None)
+        bad = Target("peer", url, "empty", None)
+        result = run_sync(config(good, bad, concurrency=(1, 3), num_requests=6))
+        rc = main(["--url", url, "--model", "good", "--compare", url, "--compare-model", "no-done",
+                   "--concurrency", "2", "--num-requests", "4", "--max-tokens", str(GOOD_TOKENS), "--quiet"])
+    ours, peer = result.for_target("ours"), result.for_target("peer")
+    assert [s.ok for s in ours] == [6, 6] and all(s.output_tokens == 6 * GOOD_TOKENS for s in ours)
+    assert [s.empty for s in peer] == [6, 6] and all(s.ok == 0 and s.output_throughput == 0 for s in peer)
+    assert all(s.ttft is None and s.e2e is None for s in peer)  # nothing timed as a fast success
+    assert [r.concurrency for r in result.ratios] == [1, 3]
+    assert all(r.output_throughput is None for r in result.ratios)
+    assert rc == 0  # only the server under test decides the exit status
+    table = capsys.readouterr().out
+    assert "truncated 4" in table and "ours / theirs" in table
+
+
+def test_failures_of_the_server_under_test_exit_1() -> None:
+    with misbehaving_server() as url:
+        assert main(["--url", url, "--model", "short", "--concurrency", "1", "--num-requests", "2", "--quiet"]) == 1
