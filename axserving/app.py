@@ -61,6 +61,7 @@ def _backend_config(settings: Settings) -> BackendConfig:
         n_ctx=m.ctx_size,
         n_threads=m.threads,
         n_batch=m.batch_size,
+        max_batch=m.max_batch,
         options=tuple(sorted(m.backend_options.items())),
     )
 

@@ -60,6 +60,7 @@ class ModelSettings(msgspec.Struct, **_STRICT):
     threads: NonNegative = 0  # 0: all cores
     ctx_size: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 4096
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 512
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
     backend_options: dict[str, str] = {}
 
 
@@ -116,6 +117,7 @@ ENV_KEYS: dict[str, str] = {
     "AXS_BACKEND": "model.backend",
     "AXS_THREADS": "model.threads",
     "AXS_CTX_SIZE": "model.ctx_size",
+    "AXS_MAX_BATCH": "model.max_batch",
     "AXS_SCHED_MAX_INFLIGHT": "scheduler.max_inflight",
     "AXS_SCHED_MAX_QUEUE": "scheduler.max_queue",
     "AXS_SCHED_MAX_WAIT_MS": "scheduler.max_wait_ms",

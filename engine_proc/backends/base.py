@@ -29,7 +29,8 @@ class BackendConfig:
     model_path: str
     n_ctx: int = 4096
     n_threads: int = 0  # 0: let the backend choose
-    n_batch: int = 512
+    n_batch: int = 512  # tokens per llama_decode: one step's budget (decodes + prefill chunks)
+    max_batch: int = 8  # sequences generated together (continuous batching)
     # Backend-specific knobs (the fake backend's delay, crash triggers, ...).
     options: tuple[tuple[str, str], ...] = ()
 

@@ -1,68 +1,77 @@
-"""The llama.cpp backend (llama-cpp-python bindings).
+"""The llama.cpp backend (llama-cpp-python bindings), with continuous batching.
 
 The high-level ``llama_cpp.Llama`` object loads the model, tokenizes, and gives us the GGUF
-metadata (chat template); generation runs on the low-level API instead of ``Llama.generate``:
-prompts go through ``llama_decode`` in ``n_batch`` chunks with an explicit sequence id, and each
-token is drawn by llama.cpp's native sampler chain (:mod:`.llama_sampling`), so no logits are
-copied into Python. Text comes out through :mod:`.detok` (UTF-8 reassembly, stop strings).
+metadata (chat template). Generation runs on the low-level API in a context of our own with
+``max_batch`` sequence ids over one unified KV cache: every step puts one token of every decoding
+sequence plus chunks of the prompts being prefilled into one ``llama_batch`` and one
+``llama_decode``, then draws each sequence's next token with its own native sampler chain
+(:mod:`.llama_sampling`; no logits are copied into Python). Text comes out through :mod:`.detok`
+(UTF-8 reassembly, stop strings).
 
-One sequence runs at a time; later requests wait in FIFO order. Per-sequence state lives in
-:class:`_Sequence` so that a later version can put several sequences in one ``llama_decode``.
+Which slot a request runs in, what prompt prefix it reuses from the cache, and how a step's token
+budget is shared are decided in :mod:`.batching`. When the KV cache runs out, idle cache entries
+go first, then the most recently started sequence is preempted: its KV is dropped, it waits at
+the head of the queue, and its tokens so far are recomputed when it runs again (nothing is lost
+or truncated; its stream simply pauses).
 """
 
 from __future__ import annotations
 
 import array
 import ctypes
+import logging
 import os
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from engine_proc.backends.base import Backend, BackendConfig, ModelInfo, RequestRejected
+from engine_proc.backends.batching import SlotTable, share_budget
 from engine_proc.backends.detok import DetokStream
 from engine_proc.backends.llama_sampling import SamplerChain
 from ipc.records import ChatMessage, Delta, FinishReason, SamplingParams, Submit
 
+log = logging.getLogger("axserving.engine.llama_cpp")
+
 _NO_TOKEN = -1  # llama.cpp's LLAMA_TOKEN_NULL: the vocab has no such special token
-
-
-class _Cancelled(Exception):
-    """The front cancelled the sequence while its prompt was being prefilled."""
+_KV_FULL = 1  # llama_decode: no KV slot for the batch (nothing was computed; safe to retry)
 
 
 class LlamaDecodeError(RuntimeError):
-    """``llama_decode`` failed; the KV cache state of the sequence is no longer trustworthy."""
-
-
-@dataclass(slots=True)
-class _Waiting:
-    rid: int
-    params: SamplingParams
-    prompt: list[int]
+    """``llama_decode`` failed; the KV cache state is no longer trustworthy."""
 
 
 class _Sequence:
-    """A running request: its KV-cache sequence id, tokens so far, sampler and text stream."""
+    """A request: its slot (KV sequence id), tokens so far, sampler and text stream.
 
-    __slots__ = ("n_past", "n_prompt", "params", "rid", "sampler", "seq_id", "stream", "tokens")
+    ``tokens[:n_past]`` are in the KV cache; ``tokens[n_past:]`` are still to be fed (the prompt
+    while prefilling, then the one token sampled last).
+    """
 
-    def __init__(self, waiting: _Waiting, seq_id: int, sampler: SamplerChain) -> None:
-        self.rid = waiting.rid
-        self.seq_id = seq_id
-        self.params = waiting.params
-        self.tokens: list[int] = list(waiting.prompt)  # prompt + generated
-        self.n_prompt = len(waiting.prompt)
-        self.n_past = 0  # tokens already in the KV cache
-        self.sampler = sampler
-        self.stream = DetokStream(waiting.params.stop)
+    __slots__ = (
+        "n_cached", "n_past", "n_prompt", "params", "rid", "sampler", "slot", "stream", "tokens",
+    )
+
+    def __init__(self, rid: int, params: SamplingParams, prompt: list[int]) -> None:
+        self.rid = rid
+        self.params = params
+        self.tokens: list[int] = prompt  # prompt + generated
+        self.n_prompt = len(prompt)
+        self.n_past = 0
+        self.n_cached = 0  # prompt tokens reused from the cache when it first started
+        self.slot = -1
+        self.sampler: SamplerChain | None = None
+        self.stream = DetokStream(params.stop)
 
     @property
     def n_generated(self) -> int:
         return len(self.tokens) - self.n_prompt
+
+    @property
+    def pending(self) -> int:
+        return len(self.tokens) - self.n_past
 
 
 class LlamaCppBackend(Backend):
@@ -82,32 +91,54 @@ class LlamaCppBackend(Backend):
         self._add_bos = False
         self._chat: Jinja2ChatFormatter | None = None
         self._piece_buf = ctypes.create_string_buffer(64)
-        self._waiting: deque[_Waiting] = deque()
-        self._running: _Sequence | None = None
+        self._slots = SlotTable(max(1, config.max_batch))
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []  # in admission order
+        # After a preemption, admit nothing new until some sequence has ended: the cache is full.
+        self._admit_blocked = False
+        self.preemptions = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def load(self) -> ModelInfo:
         cfg = self.config
         n_threads = cfg.n_threads or os.cpu_count() or 1
+        # The Llama object is only the model, its vocab and metadata: its own context is kept
+        # tiny, and generation runs in one created below with max_batch sequences.
         llama = llama_cpp.Llama(
             model_path=cfg.model_path,
-            n_ctx=cfg.n_ctx,
-            n_batch=cfg.n_batch,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
+            n_ctx=256,
+            n_batch=8,
+            n_ubatch=8,
+            n_threads=1,
             verbose=False,
         )
         self._llama = llama
-        self._ctx = llama.ctx
         self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        n_seq = self._slots.n_slots
+        self._n_batch = max(cfg.n_batch, n_seq)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = cfg.n_ctx
+        params.n_batch = params.n_ubatch = self._n_batch
+        params.n_seq_max = n_seq
+        params.n_threads = params.n_threads_batch = n_threads
+        # One pool of KV cells for every sequence (default): a single request may use the whole
+        # context, and sequences sharing a prefix share its cells. ``kv_unified=0`` gives each
+        # sequence its own n_ctx / max_batch cells instead.
+        params.kv_unified = cfg.option("kv_unified", "1") != "0"
+        # Across separate per-sequence caches llama.cpp can only copy whole sequences.
+        self._slots.share = params.kv_unified
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(llama.model, params)
+        if self._ctx is None:
+            raise RuntimeError(f"{cfg.model_path}: could not create a llama.cpp context")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         if self._memory is None:
             raise RuntimeError(f"{cfg.model_path}: the context has no KV memory (not a decoder?)")
         llama_cpp.llama_memory_clear(self._memory, True)
-        # Per-sequence context: what one request may use (equals n_ctx with one sequence).
+        # With a unified cache each sequence may use the whole context (llama.cpp rounds it up
+        # to a multiple of 256).
         self._n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx)
-        self._n_batch = llama_cpp.llama_n_batch(self._ctx)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._bos = llama_cpp.llama_vocab_bos(self._vocab)
         self._add_bos = llama_cpp.llama_vocab_get_add_bos(self._vocab)
@@ -118,6 +149,10 @@ class LlamaCppBackend(Backend):
         llama_cpp.llama_model_desc(llama.model, desc, len(desc))
         name = llama.metadata.get("general.name", "")
         description = f"{name} ({desc.value.decode()})" if name else desc.value.decode()
+        log.info(
+            "context: n_ctx %d, %d sequences, batch %d tokens, %d threads",
+            self._n_ctx, n_seq, self._n_batch, n_threads,
+        )
         return ModelInfo(backend=self.name, n_ctx=self._n_ctx, description=description)
 
     def _chat_formatter(self, metadata: dict[str, str]) -> Jinja2ChatFormatter | None:
@@ -133,16 +168,19 @@ class LlamaCppBackend(Backend):
         )
 
     def close(self) -> None:
-        if self._running is not None:
-            self._end(self._running)
+        for seq in list(self._running):
+            self._end(seq, keep_cache=False)
         self._waiting.clear()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
         if self._llama is not None:
             self._llama.close()
             self._llama = None
-        self._ctx = self._vocab = self._memory = None
+        self._vocab = self._memory = None
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -163,7 +201,7 @@ class LlamaCppBackend(Backend):
                 f"This model's maximum context length is {self._n_ctx} tokens. However, your "
                 f"{what} resulted in {len(prompt)} tokens. Please reduce the length of the {what}.",
             )
-        self._waiting.append(_Waiting(request.rid, request.params, prompt))
+        self._waiting.append(_Sequence(request.rid, request.params, prompt))
 
     def _chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
         if self._chat is None:
@@ -207,88 +245,148 @@ class LlamaCppBackend(Backend):
         return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def abort(self, rid: int) -> None:
-        if self._running is not None and self._running.rid == rid:
-            self._end(self._running)
-            return
-        for w in self._waiting:
-            if w.rid == rid:
-                self._waiting.remove(w)
+        for seq in self._running:
+            if seq.rid == rid:
+                self._end(seq, keep_cache=False)  # the KV is freed now, not kept as a cache
+                return
+        for seq in self._waiting:
+            if seq.rid == rid:
+                self._waiting.remove(seq)
+                self._free_sampler(seq)
                 return
 
     def has_work(self) -> bool:
-        return self._running is not None or bool(self._waiting)
+        return bool(self._running) or bool(self._waiting)
 
     def occupancy(self) -> tuple[int, int]:
-        return (1 if self._running is not None else 0), len(self._waiting)
+        return len(self._running), len(self._waiting)
+
+    # ---- scheduling --------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Start waiting requests while there are free slots (FIFO; preempted ones first)."""
+        while self._waiting and self._slots.has_free() and not self._admit_blocked:
+            seq = self._waiting.popleft()
+            running_kv = {s.slot: (s.tokens, s.n_past) for s in self._running}
+            place = self._slots.place(seq.tokens, running_kv)
+            reuse = self._place_kv(place.slot, place.donor, place.reuse)
+            seq.slot = place.slot
+            seq.n_past = reuse
+            if seq.sampler is None:  # first start (a preempted sequence keeps its sampler)
+                seq.n_cached = reuse
+                seq.sampler = SamplerChain(seq.params, self._n_vocab)
+            self._running.append(seq)
+
+    def _place_kv(self, slot: int, donor: int | None, reuse: int) -> int:
+        """Make ``slot``'s KV hold exactly the first ``reuse`` tokens; return what it holds."""
+        mem = self._memory
+        if donor == slot:
+            if llama_cpp.llama_memory_seq_rm(mem, slot, reuse, -1):
+                return reuse
+            # This cache cannot drop a tail (e.g. sliding-window layers): start afresh.
+            llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
+            return 0
+        llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
+        if donor is None or reuse == 0:
+            return 0
+        llama_cpp.llama_memory_seq_cp(mem, donor, slot, 0, reuse)
+        if llama_cpp.llama_memory_seq_pos_min(mem, slot) > 0:
+            # Positions below the window are gone (sliding-window cache): nothing to reuse.
+            llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
+            return 0
+        return reuse
+
+    def _end(self, seq: _Sequence, keep_cache: bool) -> None:
+        """Take a running sequence out; keep its KV as a prefix-cache entry, or free it."""
+        self._running.remove(seq)
+        self._free_sampler(seq)
+        if not keep_cache and self._memory is not None:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
+        self._slots.release(seq.slot, seq.tokens[: seq.n_past] if keep_cache else None)
+        self._admit_blocked = False
+
+    @staticmethod
+    def _free_sampler(seq: _Sequence) -> None:
+        if seq.sampler is not None:
+            seq.sampler.free()
+            seq.sampler = None
+
+    def _make_room(self) -> bool:
+        """The KV cache is full: drop an idle cache entry, else preempt the newest sequence."""
+        slot = self._slots.evict()
+        if slot is not None:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            return True
+        if len(self._running) < 2:
+            return False
+        seq = self._running.pop()
+        llama_cpp.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
+        self._slots.release(seq.slot, None)
+        seq.n_past = 0
+        self._waiting.appendleft(seq)
+        self._admit_blocked = True
+        self.preemptions += 1
+        log.info("KV cache full: request %d preempted (%d tokens to recompute)", seq.rid, len(seq.tokens))
+        return True
 
     # ---- generation --------------------------------------------------------------------------
 
     def step(self) -> list[Delta]:
         if self._ctx is None:
             raise RuntimeError("LlamaCppBackend.step() before load() or after close()")
-        seq = self._running
-        if seq is None:
-            if not self._waiting:
-                return []
-            seq = self._start(self._waiting.popleft())
-        try:
-            # A new sequence: prefill its prompt. Otherwise feed back the last sampled token.
-            out = self._decode(seq, seq.tokens[seq.n_past :])
-            token = seq.sampler.sample(self._ctx, out)
-        except _Cancelled:
-            self._end(seq)  # its KV is freed now; the Abort record that follows is a no-op
+        for seq in [s for s in self._running if s.pending > 1 and self.cancelled(s.rid)]:
+            self._end(seq, keep_cache=False)  # cancelled mid-prefill; its Abort follows
+        self._admit()
+        if not self._running:
             return []
-        except BaseException:
-            self._end(seq)
-            raise
-        delta = self._advance(seq, token)
-        if delta.finish_reason is not None:
-            self._end(seq)
-        return [delta]
+        while True:
+            plan = share_budget([s.pending for s in self._running], self._n_batch)
+            outputs = self._fill_batch(plan)
+            rc = llama_cpp.llama_decode(self._ctx, self._batch)
+            if rc == 0:
+                break
+            if rc != _KV_FULL or not self._make_room():
+                rids = ", ".join(str(s.rid) for s in self._running)
+                raise LlamaDecodeError(f"llama_decode returned {rc} (requests {rids})")
+        deltas: list[Delta] = []
+        for seq, n in zip(list(self._running), plan):
+            seq.n_past += n
+        for seq, idx in outputs:
+            assert seq.sampler is not None
+            token = seq.sampler.sample(self._ctx, idx)
+            delta = self._advance(seq, token)
+            deltas.append(delta)
+            if delta.finish_reason is not None:
+                self._end(seq, keep_cache=True)
+        return deltas
 
-    def _start(self, waiting: _Waiting) -> _Sequence:
-        seq_id = 0  # one sequence at a time for now
-        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-        seq = _Sequence(waiting, seq_id, SamplerChain(waiting.params, self._n_vocab))
-        self._running = seq
-        return seq
-
-    def _end(self, seq: _Sequence) -> None:
-        seq.sampler.free()
-        if self._memory is not None:
-            llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
-        if self._running is seq:
-            self._running = None
-
-    def _decode(self, seq: _Sequence, tokens: list[int]) -> int:
-        """Put ``tokens`` into the KV cache in ``n_batch`` chunks, one ``llama_decode`` each.
-
-        Only the last token asks for logits. Returns its index in the last batch, which is what
-        ``llama_sampler_sample`` wants.
-        """
+    def _fill_batch(self, plan: list[int]) -> list[tuple[_Sequence, int]]:
+        """Write this step's tokens into the batch; return (sequence, output index) for each
+        sequence whose last pending token is in it (its logits are sampled)."""
         batch = self._batch
-        assert batch is not None and tokens
-        for start in range(0, len(tokens), self._n_batch):
-            if start and self.cancelled(seq.rid):
-                raise _Cancelled()
-            chunk = tokens[start : start + self._n_batch]
-            last_chunk = start + len(chunk) == len(tokens)
-            for i, tok in enumerate(chunk):
-                batch.token[i] = tok
+        assert batch is not None
+        outputs: list[tuple[_Sequence, int]] = []
+        token, pos, n_seq_id, seq_id, logits = (
+            batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits,
+        )
+        i = 0
+        for seq, n in zip(self._running, plan):
+            if not n:
+                continue
+            start, tokens, slot = seq.n_past, seq.tokens, seq.slot
+            for j in range(n):
+                token[i] = tokens[start + j]
                 # llama_cpp types ``pos`` as an array of arrays; it is a flat int32 array.
-                batch.pos[i] = seq.n_past + i  # type: ignore[call-overload]
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq.seq_id
-                batch.logits[i] = 0
-            if last_chunk:
-                batch.logits[len(chunk) - 1] = 1
-            batch.n_tokens = len(chunk)
-            rc = llama_cpp.llama_decode(self._ctx, batch)
-            if rc != 0:
-                raise LlamaDecodeError(f"llama_decode returned {rc} (request {seq.rid})")
-            seq.n_past += len(chunk)
-            self.heartbeat()
-        return batch.n_tokens - 1
+                pos[i] = start + j  # type: ignore[call-overload]
+                n_seq_id[i] = 1
+                seq_id[i][0] = slot
+                logits[i] = 0
+                i += 1
+            if start + n == len(tokens):
+                logits[i - 1] = 1
+                outputs.append((seq, i - 1))
+        batch.n_tokens = i
+        return outputs
 
     def _advance(self, seq: _Sequence, token: int) -> Delta:
         """Record a sampled token and turn it into this step's delta."""
@@ -311,6 +409,7 @@ class LlamaCppBackend(Backend):
             finish_reason=finish,
             prompt_tokens=seq.n_prompt,
             completion_tokens=seq.n_generated,
+            cached_tokens=seq.n_cached,
         )
 
     # ---- vocab helpers -----------------------------------------------------------------------
@@ -329,3 +428,4 @@ class LlamaCppBackend(Backend):
             return ""
         text: bytes = llama_cpp.llama_vocab_get_text(self._vocab, token)
         return text.decode("utf-8", "replace")
+

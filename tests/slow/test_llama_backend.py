@@ -211,7 +211,8 @@ def test_multibyte_characters_survive_token_splits(backend: LlamaCppBackend) -> 
 
 
 def test_cancel_flag_stops_a_long_prefill_between_chunks(backend: LlamaCppBackend) -> None:
-    """The front's cancel bit is honoured between prefill chunks (n_batch is 256 here)."""
+    """The front's cancel bit is honoured between prefill chunks (n_batch is 256 here: one
+    chunk per step, and the bit is checked before each step)."""
     expected = text_of(drive(backend, chat(30, QUESTION)))
     checked: list[int] = []
 
@@ -223,7 +224,8 @@ def test_cancel_flag_stops_a_long_prefill_between_chunks(backend: LlamaCppBacken
     backend.cancelled = cancelled
     try:
         backend.submit(chat(31, "tell me about the sea " * 120))  # ~700 tokens: 3 chunks
-        assert backend.step() == []  # dropped after the first chunk, no token sampled
+        assert backend.step() == []  # the first chunk
+        assert backend.step() == []  # dropped before the second one, no token sampled
         assert checked == [31]
         assert not backend.has_work()
         assert text_of(drive(backend, chat(32, QUESTION))) == expected  # KV was freed

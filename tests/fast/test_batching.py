@@ -1,0 +1,105 @@
+"""Continuous-batching bookkeeping: slot placement with prefix reuse, and the step budget."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine_proc.backends.batching import Placement, SlotTable, common_prefix, share_budget
+
+
+@given(st.lists(st.integers(0, 3), max_size=300), st.lists(st.integers(0, 3), max_size=300))
+def test_common_prefix_matches_the_obvious_loop(a: list[int], b: list[int]) -> None:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    assert common_prefix(a, b) == n
+
+
+def test_common_prefix_respects_the_limit_on_b() -> None:
+    a = list(range(200))
+    assert common_prefix(a, a, 130) == 130
+    assert common_prefix(a, a + [7], 0) == 0
+
+
+def test_empty_table_places_in_slot_zero_with_nothing_to_reuse() -> None:
+    t = SlotTable(2)
+    assert t.place([1, 2, 3], {}) == Placement(0, None, 0)
+    assert t.place([1, 2, 3], {}) == Placement(1, None, 0)
+    assert not t.has_free()
+
+
+def test_a_finished_request_leaves_a_cache_entry_reused_in_place() -> None:
+    t = SlotTable(4)
+    system = list(range(100))
+    first = t.place(system + [500, 501], {})
+    t.release(first.slot, system + [500, 501, 9, 9])
+    p = t.place(system + [600], {})
+    assert p == Placement(first.slot, first.slot, 100)
+    assert t.cached() == {}
+
+
+def test_reuse_always_leaves_one_prompt_token_to_compute() -> None:
+    t = SlotTable(1)
+    t.release(t.place([1, 2, 3], {}).slot, [1, 2, 3, 4])
+    assert t.place([1, 2, 3], {}).reuse == 2
+
+
+def test_a_running_sequence_shares_its_prefix_with_a_new_slot() -> None:
+    t = SlotTable(3)
+    system = list(range(50))
+    running = t.place(system + [1], {})
+    # The running sequence's KV holds 40 tokens so far (it is still prefilling).
+    p = t.place(system + [2], {running.slot: (system + [1], 40)})
+    assert p.slot != running.slot and p.donor == running.slot and p.reuse == 40
+
+
+def test_best_prefix_wins_and_a_miss_takes_an_empty_slot_before_evicting_a_cache() -> None:
+    t = SlotTable(3)
+    a, b = [1] * 10, [2] * 10
+    sa, sb = t.place(a, {}).slot, t.place(b, {}).slot
+    t.release(sa, a)
+    t.release(sb, b)
+    miss = t.place([3] * 10, {})
+    assert miss.donor is None and miss.slot not in (sa, sb)
+    assert set(t.cached()) == {sa, sb}
+    # No empty slot left: a second miss takes the least recently used entry (a's).
+    t.release(miss.slot, None)
+    hit = t.place(b + [5], {})
+    assert hit == Placement(sb, sb, 10)
+    miss2 = t.place([4] * 10, {})
+    assert miss2.slot in (sa, miss.slot) and miss2.donor is None
+
+
+def test_evict_goes_least_recently_used_first() -> None:
+    t = SlotTable(3)
+    slots = [t.place([i], {}).slot for i in range(3)]
+    for s in slots:
+        t.release(s, [s, s])
+    assert [t.evict(), t.evict(), t.evict(), t.evict()] == [slots[0], slots[1], slots[2], None]
+
+
+def test_decoders_always_get_their_token_and_prefill_shares_the_rest() -> None:
+    assert share_budget([1, 1, 1], 2) == [1, 1, 1]  # never starve a running stream
+    assert share_budget([1, 900, 1, 300], 512) == [1, 510, 1, 0]
+    assert share_budget([300, 300, 1], 512) == [300, 211, 1]
+    assert share_budget([], 512) == []
+
+
+@given(st.lists(st.integers(1, 2000), min_size=1, max_size=16), st.integers(1, 1024))
+def test_budget_is_respected_and_a_step_always_progresses(pending: list[int], budget: int) -> None:
+    out = share_budget(pending, budget)
+    decoders = sum(1 for p in pending if p == 1)
+    assert all(0 <= n <= p for n, p in zip(out, pending))
+    assert sum(out) <= max(budget, decoders)
+    assert any(out)
+
+
+def test_without_sharing_a_prefix_is_only_reused_in_place() -> None:
+    t = SlotTable(3, share=False)
+    system = list(range(50))
+    running = t.place(system + [1], {})
+    p = t.place(system + [2], {running.slot: (system + [1], 51)})
+    assert p.donor is None and p.reuse == 0
+    t.release(p.slot, system + [2, 3])
+    assert t.place(system + [4], {running.slot: (system + [1], 51)}) == Placement(p.slot, p.slot, 50)
