@@ -22,6 +22,9 @@ from axserving.bench.workload import prompt_text
 from axserving.cli import build_parser
 from tests.server import run_server
 
+# The misbehaving server runs in a thread: an exception there must fail the test, not just warn.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 
 def config(*targets: Target, **kw: object) -> BenchConfig:
     base: dict[str, object] = dict(
@@ -171,36 +174,36 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 @contextmanager
 def misbehaving_server() -> Iterator[str]:
+    """The misbehaving server on 127.0.0.1 in a thread with its own event loop (the bench runs its own)."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
-    state: dict[str, object] = {}
+    stop = asyncio.Event()
+    port: list[int] = []
 
     async def serve() -> None:
         server = await asyncio.start_server(_handle, "127.0.0.1", 0)
-        state["server"] = server
-        state["port"] = server.sockets[0].getsockname()[1]
+        port.append(server.sockets[0].getsockname()[1])
         started.set()
         async with server:
-            await server.serve_forever()
+            await stop.wait()
+        # Connections still open (keep-alive) end with their handler tasks.
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     def thread_main() -> None:
-        try:
-            loop.run_until_complete(serve())
-        except asyncio.CancelledError:
-            pass
+        loop.run_until_complete(serve())
+        loop.close()
 
     thread = threading.Thread(target=thread_main, name="misbehaving-server", daemon=True)
     thread.start()
     assert started.wait(10)
     try:
-        yield f"http://127.0.0.1:{state['port']}"
+        yield f"http://127.0.0.1:{port[0]}"
     finally:
-        server = state["server"]
-        loop.call_soon_threadsafe(server.close)  # type: ignore[attr-defined]
-        for task in asyncio.all_tasks(loop):
-            loop.call_soon_threadsafe(task.cancel)
+        loop.call_soon_threadsafe(stop.set)
         thread.join(10)
-        loop.close()
         assert not thread.is_alive()
 
 
