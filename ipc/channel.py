@@ -34,7 +34,7 @@ class _Link:
 
     def try_write(self, payload: bytes) -> bool:
         ring = self.ring
-        if len(payload) > ring.max_record():
+        if len(payload) > ring._max_record:
             if ring.free_space() < 256:
                 return False  # no room for the reference either: don't build the blob yet
             name, nonce = write_blob(payload)

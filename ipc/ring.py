@@ -53,6 +53,8 @@ _SLEEP = 264 // 8
 # hot path does not even pay for a call.
 _ACQUIRE = fences.acquire if fences.WEAKLY_ORDERED else None
 _RELEASE = fences.release if fences.WEAKLY_ORDERED else None
+# The handshake's full fence; None without the extension (writers then always ring).
+_FULL = fences.full if fences.HANDSHAKE else None
 _HB = 384 // 8
 KIND_DATA = 1
 KIND_PAD = 2
@@ -92,6 +94,11 @@ class Ring:
         self._unlinked = False
         self._wseq = 0  # producer: records written (low 16 bits go in the frame)
         self._rseq = 0  # consumer: records read
+        self._max_record = self.capacity // 4 - _FRAME.size
+        # Producer: the read counter as last loaded. It only grows, so room computed from it is
+        # never more than the real room; the shared line is re-read only when that looks short
+        # (the consumer writes that line on every drain: each load after it did is a cache miss).
+        self._r_seen = 0
 
     # ---- life cycle ------------------------------------------------------------------------
 
@@ -186,17 +193,18 @@ class Ring:
 
     def needs_wake(self) -> bool:
         """Producer, after publishing: must the doorbell ring?"""
-        if not fences.HANDSHAKE:
+        if _FULL is None:
             return True
-        fences.full()  # the counter store above must be visible before the flag is read
+        _FULL()  # the counter store above must be visible before the flag is read
         return self._u64[_SLEEP] != 0
 
     def prepare_sleep(self) -> bool:
         """Consumer, before blocking: True if it may sleep (it said so and nothing is waiting)."""
-        self._u64[_SLEEP] = 1
+        u64 = self._u64
+        u64[_SLEEP] = 1
         fences.full()  # the flag store must be visible before the counter is read
-        if self.has_data():
-            self._u64[_SLEEP] = 0
+        if u64[_W] != u64[_R]:
+            u64[_SLEEP] = 0
             return False
         return True
 
@@ -210,31 +218,37 @@ class Ring:
         return self.capacity - (self._u64[_W] - self._u64[_R])
 
     def max_record(self) -> int:
-        return self.capacity // 4 - _FRAME.size
+        return self._max_record
 
     def try_write(self, payload: bytes) -> bool:
-        """Append one record; False when the ring has no room for it now."""
+        """Append one record; False when the ring has no room for it now.
+
+        This is the engine's per-step hot path: locals only, no helper calls, and the consumer's
+        counter line is read only when the room last seen does not suffice.
+        """
         n = len(payload)
-        if n > self.max_record():
-            raise RecordTooLarge(f"record of {n} bytes exceeds ring limit {self.max_record()}")
-        need = _FRAME.size + _align8(n)
-        w = self._u64[_W]
-        free = self.capacity - (w - self._u64[_R])
+        if n > self._max_record:
+            raise RecordTooLarge(f"record of {n} bytes exceeds ring limit {self._max_record}")
+        need = 8 + ((n + 7) & ~7)  # frame + payload padded to 8 bytes
+        u64, cap = self._u64, self.capacity
+        w = u64[_W]
         pos = w & self._mask
-        tail = self.capacity - pos
+        tail = cap - pos
         pad = tail if tail < need else 0
-        if need + pad > free:
-            return False
+        if need + pad > cap - (w - self._r_seen):
+            self._r_seen = u64[_R]
+            if need + pad > cap - (w - self._r_seen):
+                return False
         data = self._data
         if pad:
-            _FRAME.pack_into(data, pos, tail - _FRAME.size, KIND_PAD, 0)
+            _FRAME.pack_into(data, pos, tail - 8, KIND_PAD, 0)
             pos = 0
-        data[pos + _FRAME.size : pos + _FRAME.size + n] = payload
         _FRAME.pack_into(data, pos, n, KIND_DATA, self._wseq & 0xFFFF)
+        data[pos + 8 : pos + 8 + n] = payload
         self._wseq += 1
         if _RELEASE is not None:
             _RELEASE()  # payload and frame before the counter that publishes them
-        self._u64[_W] = w + pad + need  # publish
+        u64[_W] = w + pad + need  # publish
         return True
 
     # ---- consumer ----------------------------------------------------------------------------

@@ -608,13 +608,16 @@ async def run_child(
         if not done.done():
             done.set_exception(error)
 
-    def on_events() -> None:
+    def on_events() -> int:
         try:
             if not consumer.started:
                 consumer.start()
-            consumer.feed(front.drain())
+            batch = front.drain()
+            consumer.feed(batch)
+            return len(batch)
         except Exception as e:  # the loop would only log a callback's error
             fail(e)
+            return 0
 
     try:
         with spawned(target, front.peer(), arg) as proc:
@@ -622,7 +625,10 @@ async def run_child(
 
             def on_exit() -> None:
                 loop.remove_reader(proc.sentinel)  # level-triggered: remove or spin
-                on_events()  # what the child wrote before it exited
+                # What the child wrote before it exited; a drain may stop at its bound (the
+                # ring's does, at 1024 records), so read until nothing is left.
+                while on_events() and not done.done():
+                    pass
                 proc.join(1)  # it has exited: this only reaps it, for the exit code
                 fail(BenchError(f"{front.name}: child exited (code {proc.exitcode}) before the end"))
 

@@ -110,7 +110,8 @@ class EngineConnection:
 
     # ---- events ------------------------------------------------------------------------------
 
-    def _on_events(self) -> None:
+    def _on_events(self) -> bool:
+        """Deliver what the engine published (one bounded drain); False if the ring is corrupt."""
         try:
             for record in self.channel.drain():
                 self._dispatch(record)
@@ -119,6 +120,8 @@ class EngineConnection:
             log.error("engine %s: %s; killing it", self.model_id, e)
             self.fatal_message = str(e)
             self.kill()
+            return False
+        return True
 
     def _safety_drain(self) -> None:
         if self._closed:
@@ -160,8 +163,10 @@ class EngineConnection:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
-        # Read what the engine wrote before it died (a Fatal record, final deltas).
-        self._on_events()
+        # Read what the engine wrote before it died (a Fatal record, final deltas): all of it,
+        # since one drain stops at its bound.
+        while self._on_events() and self.channel.has_pending():
+            pass
         self.process.join(0)
         code = self.process.exitcode
         if code is None:
