@@ -55,20 +55,38 @@ class _Link:
         out: list[Any] = []
         return out[0] if self.read_all(out, 1) else None
 
+    def drain_into(self, out: list[Any], limit: int) -> bool:
+        """Consumer woken by the doorbell: :meth:`Ring.drain_into` plus blob references
+        resolved; True if records are still waiting (the caller rings its own doorbell)."""
+        try:
+            more = self.ring.drain_into(self._decode, out, limit, self.bell.drain)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise RingError(f"{self.ring.name}: undecodable record: {e}") from e
+        blob = records.Blob
+        for i, record in enumerate(out):
+            if type(record) is blob:
+                self._resolve(out, i, record)
+        return more
+
+    def _resolve(self, out: list[Any], i: int, ref: records.Blob) -> None:
+        try:
+            out[i] = read_blob(ref.name, ref.nonce, ref.size, self._decode)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise RingError(f"{self.ring.name}: undecodable record: {e}") from e
+        finally:
+            unlink_blob(ref.name)
+
     def read_all(self, out: list[Any], limit: int = 1 << 30) -> int:
         """Append published records (at most ``limit``) to ``out``, blob references resolved."""
         start = len(out)
         try:
             n = self.ring.pop_all(self._decode, out, limit)
-            for i in range(start, start + n):
-                record = out[i]
-                if isinstance(record, records.Blob):
-                    try:
-                        out[i] = read_blob(record.name, record.nonce, record.size, self._decode)
-                    finally:
-                        unlink_blob(record.name)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise RingError(f"{self.ring.name}: undecodable record: {e}") from e
+        for i in range(start, start + n):
+            record = out[i]
+            if type(record) is records.Blob:
+                self._resolve(out, i, record)
         return n
 
     def unlink_blobs(self) -> None:
@@ -138,18 +156,10 @@ class FrontEnd:
 
         Raises :class:`~ipc.ring.RingError` if the ring is corrupt (treat as engine death).
         """
-        self.to_front.drain()
-        evt, link = self.evt, self._in
-        evt.wake_up()
         out: list[records.ToFront] = []
-        while True:
-            link.read_all(out, limit - len(out))
-            if len(out) >= limit:
-                if evt.has_data():
-                    self.to_front.ring()
-                return out
-            if evt.prepare_sleep():
-                return out
+        if self._in.drain_into(out, limit):
+            self.to_front.ring()
+        return out
 
     def has_pending(self) -> bool:
         """Events are waiting (the safety-net timer's question; normally the doorbell says it)."""

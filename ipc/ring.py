@@ -264,6 +264,31 @@ class Ring:
         consume them. ``decode`` must not keep the view. Returns the number of records."""
         return _pop_all(self, decode, out, limit)
 
+    def drain_into(
+        self, decode: Callable[[memoryview], T], out: list[T], limit: int, bell: Callable[[], None]
+    ) -> bool:
+        """Consumer, woken by its doorbell: say it is awake, clear the doorbell with ``bell()``,
+        decode what is published (at most ``limit`` records) into ``out``, and say it goes back
+        to sleep. True if it stopped at ``limit`` with records still waiting: it then stays
+        awake (producers do not ring) and the caller must ring its own doorbell to come back.
+
+        One frame for the whole wake-up (the front's per-wake-up cost is mostly Python calls).
+        Saying "awake" before clearing the doorbell spares the producer a ring, and the
+        consumer a wake-up with nothing to read, for records published in between.
+        """
+        u64 = self._u64
+        u64[_SLEEP] = 0
+        bell()
+        while True:
+            limit -= _pop_all(self, decode, out, limit)
+            u64[_SLEEP] = 1
+            fences.full()  # the flag store must be visible before the counter is read
+            if u64[_W] == u64[_R]:
+                return False  # asleep with nothing waiting: the next record rings
+            u64[_SLEEP] = 0
+            if limit <= 0:
+                return True
+
     def pop(self, decode: Callable[[memoryview], T]) -> T | None:
         """Decode the next record in place and consume it; None when the ring is empty."""
         out: list[T] = []

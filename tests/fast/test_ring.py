@@ -287,3 +287,50 @@ def test_drain_is_bounded_and_resumes() -> None:
     finally:
         end.close()
         front.close()
+
+
+def test_drain_that_ends_exactly_at_its_limit_goes_to_sleep() -> None:
+    """A drain that stops at its bound with the ring just emptied must still say it sleeps;
+    otherwise the next record is not rung and waits for the safety-net timer."""
+    import select
+
+    front = FrontEnd.create(1 << 16, 1 << 20)
+    end = EngineEnd(front.spec)
+    try:
+        for i in range(16):
+            end.send(records.Step((records.Delta(i, "x", 1),)))
+        assert len(front.drain(limit=16)) == 16
+        assert front.evt.consumer_sleeping()
+        assert not select.select([front.fileno()], [], [], 0)[0]  # nothing rang: nothing waits
+        end.send(records.Step((records.Delta(16, "x", 1),)))
+        assert select.select([front.fileno()], [], [], 0)[0]  # the next record rings
+        assert [r.deltas[0].rid for r in front.drain(limit=16)] == [16]  # type: ignore[union-attr]
+    finally:
+        end.close()
+        front.close()
+
+
+def test_drain_says_awake_before_clearing_the_doorbell() -> None:
+    """A record published while the front drains does not ring (it is read in that drain): no
+    wake-up with nothing to read."""
+    import select
+
+    front = FrontEnd.create(1 << 16, 1 << 20)
+    end = EngineEnd(front.spec)
+    try:
+        end.send(records.Step((records.Delta(0, "x", 1),)))
+        sent = []
+
+        def decode_and_publish(view: memoryview) -> records.ToFront:
+            if not sent:
+                sent.append(1)
+                end.send(records.Step((records.Delta(1, "y", 1),)))  # the front is awake now
+            return records.to_front_decoder.decode(view)
+
+        got: list[records.ToFront] = []
+        assert not front.evt.drain_into(decode_and_publish, got, 1024, front.to_front.drain)
+        assert [r.deltas[0].rid for r in got] == [0, 1]  # type: ignore[union-attr]
+        assert not select.select([front.fileno()], [], [], 0)[0]
+    finally:
+        end.close()
+        front.close()
