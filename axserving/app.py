@@ -62,6 +62,7 @@ def _backend_config(settings: Settings) -> BackendConfig:
         n_threads=m.threads,
         n_batch=m.batch_size,
         max_batch=m.max_batch,
+        kv_unified=m.kv_unified,
         options=tuple(sorted(m.backend_options.items())),
     )
 

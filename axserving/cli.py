@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML settings file (default: $AXS_CONFIG, then config/serving.yaml)")
     run.add_argument("--threads", type=int, help="engine CPU threads (default: all cores)")
     run.add_argument("--ctx-size", type=int, help="context length in tokens (default: 4096)")
+    run.add_argument("--max-batch", type=int, help="sequences generated together per engine step (default: 8)")
     run.add_argument(
         "--backend-option", action="append", type=_backend_option, default=[], metavar="KEY=VALUE",
         help="backend-specific option (repeatable)",
@@ -69,6 +70,7 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "rest.port": args.port,
         "model.threads": args.threads,
         "model.ctx_size": args.ctx_size,
+        "model.max_batch": args.max_batch,
     }
     if args.backend_option:
         overrides["model.backend_options"] = dict(args.backend_option)

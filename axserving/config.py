@@ -61,6 +61,7 @@ class ModelSettings(msgspec.Struct, **_STRICT):
     ctx_size: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 4096
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 512
     max_batch: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    kv_unified: bool = False
     backend_options: dict[str, str] = {}
 
 
@@ -118,6 +119,7 @@ ENV_KEYS: dict[str, str] = {
     "AXS_THREADS": "model.threads",
     "AXS_CTX_SIZE": "model.ctx_size",
     "AXS_MAX_BATCH": "model.max_batch",
+    "AXS_KV_UNIFIED": "model.kv_unified",
     "AXS_SCHED_MAX_INFLIGHT": "scheduler.max_inflight",
     "AXS_SCHED_MAX_QUEUE": "scheduler.max_queue",
     "AXS_SCHED_MAX_WAIT_MS": "scheduler.max_wait_ms",

@@ -2,7 +2,8 @@
 
 Runs :class:`engine_proc.backends.llama_cpp.LlamaCppBackend` directly (the code the engine
 process runs, with llama.cpp's native sampler chains) on batches of distinct greedy chat
-requests with ``ignore_eos``, and reports per batch size:
+requests with ``ignore_eos``, built from the same prompts as ``perf/bench_serving.py``'s, and
+reports per batch size:
 
 - TTFT: from submitting the batch to each sequence's first token (mean, p50, max);
 - output tok/s: all generated tokens over the wall time from submit to the last finish
@@ -29,29 +30,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from axserving import model_store  # noqa: E402
+from axserving.bench.workload import prompt_text  # noqa: E402
 from engine_proc.backends.base import BackendConfig  # noqa: E402
 from engine_proc.backends.llama_cpp import LlamaCppBackend  # noqa: E402
 from ipc.records import ChatMessage, SamplingParams, Submit  # noqa: E402
 
-TOPICS = (
-    "the sea", "a mountain village", "an old library", "a robot learning to paint", "the desert at night",
-    "a lighthouse keeper", "a city in the rain", "a friendly dragon", "the first day of spring",
-    "a train journey", "a lost key", "the northern lights", "a busy kitchen", "a chess game",
-    "a garden snail", "the last bookshop",
-)  # fmt: skip
-
-
-def prompt(i: int) -> str:
-    """Distinct per request, so neither run can answer from a shared cache entry."""
-    return f"Request {i}: write a long, detailed story about {TOPICS[i % len(TOPICS)]}."
-
-
-def one_round(backend: LlamaCppBackend, batch: int, max_tokens: int, base_rid: int) -> dict[str, float]:
+def one_round(
+    backend: LlamaCppBackend, batch: int, max_tokens: int, words: int, base_rid: int
+) -> dict[str, float]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     first: dict[int, float] = {}
     t0 = time.perf_counter()
     for i in range(batch):
-        msg = (ChatMessage("user", prompt(base_rid + i)),)
+        msg = (ChatMessage("user", prompt_text(base_rid + i, words)),)
         backend.submit(Submit(rid=base_rid + i, params=params, messages=msg))
     tokens = 0
     while backend.has_work():
@@ -78,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="GGUF path (default: the packaged SmolLM2-135M-Instruct)")
     ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompt-words", type=int, default=64, help="as perf/bench_serving.py's prompts")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx-size", type=int, default=4096)
@@ -98,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     backend.load()
     try:
-        one_round(backend, 1, 8, 10**6)  # warm-up: page the weights in
+        one_round(backend, 1, 8, 8, 10**6)  # warm-up: page the weights in
         results: dict[int, list[dict[str, float]]] = {b: [] for b in sizes}
         rid = 0
         for _ in range(args.rounds):
             for b in sizes:
-                results[b].append(one_round(backend, b, args.max_tokens, rid))
+                results[b].append(one_round(backend, b, args.max_tokens, args.prompt_words, rid))
                 rid += b
     finally:
         backend.close()

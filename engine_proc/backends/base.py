@@ -31,6 +31,7 @@ class BackendConfig:
     n_threads: int = 0  # 0: let the backend choose
     n_batch: int = 512  # tokens per llama_decode: one step's budget (decodes + prefill chunks)
     max_batch: int = 8  # sequences generated together (continuous batching)
+    kv_unified: bool = False  # one KV pool of n_ctx cells for all sequences, else n_ctx each
     # Backend-specific knobs (the fake backend's delay, crash triggers, ...).
     options: tuple[tuple[str, str], ...] = ()
 

@@ -1,7 +1,7 @@
 """A test double for the engine boundary: echoes the prompt back, word by word.
 
-It runs every submitted request at once (one word per request per step), so tests see real
-interleaving across the rings. Knobs, from ``BackendConfig.options`` (``--backend-option k=v``):
+Like the real backend it runs up to ``max_batch`` requests together (one word per request per
+step) and queues the rest in order, so tests see real interleaving across the rings. Knobs, from ``BackendConfig.options`` (``--backend-option k=v``):
 
 - ``delay_ms``: sleep this long in every step (default 2), to make streams observable;
 - ``load_delay_ms``: sleep this long in :meth:`load`;
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import array
 import os
+from collections import deque
 import signal
 import time
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ class FakeBackend(Backend):
             raise RuntimeError("fake backend told to fail loading")
         time.sleep(float(self.config.option("load_delay_ms", "0")) / 1000)
         self._delay = float(self.config.option("delay_ms", "2")) / 1000
-        self._seqs: dict[int, _Seq] = {}
+        self._seqs: dict[int, _Seq] = {}  # running
+        self._waiting: deque[_Seq] = deque()
         return ModelInfo(backend=self.name, n_ctx=self.config.n_ctx, description="echo test double")
 
     def submit(self, request: Submit) -> None:
@@ -69,7 +71,7 @@ class FakeBackend(Backend):
                 f"However, your messages resulted in {prompt_tokens} tokens.",
             )
         words = [w + " " for w in source.split()] or ["(empty) "]
-        self._seqs[request.rid] = _Seq(
+        self._waiting.append(_Seq(
             request.rid,
             words,
             request.params.max_tokens,
@@ -77,9 +79,12 @@ class FakeBackend(Backend):
             crash="[[crash]]" in source,
             error="[[error]]" in source,
             text=DetokStream(request.params.stop),
-        )
+        ))
 
     def step(self) -> list[Delta]:
+        while self._waiting and len(self._seqs) < max(1, self.config.max_batch):
+            seq = self._waiting.popleft()
+            self._seqs[seq.rid] = seq
         if self._delay:
             time.sleep(self._delay)
         deltas: list[Delta] = []
@@ -106,10 +111,14 @@ class FakeBackend(Backend):
         return deltas
 
     def abort(self, rid: int) -> None:
-        self._seqs.pop(rid, None)
+        if self._seqs.pop(rid, None) is None:
+            for seq in self._waiting:
+                if seq.rid == rid:
+                    self._waiting.remove(seq)
+                    break
 
     def has_work(self) -> bool:
-        return bool(self._seqs)
+        return bool(self._seqs) or bool(self._waiting)
 
     def occupancy(self) -> tuple[int, int]:
-        return len(self._seqs), 0
+        return len(self._seqs), len(self._waiting)

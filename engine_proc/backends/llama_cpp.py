@@ -2,17 +2,19 @@
 
 The high-level ``llama_cpp.Llama`` object loads the model, tokenizes, and gives us the GGUF
 metadata (chat template). Generation runs on the low-level API in a context of our own with
-``max_batch`` sequence ids over one unified KV cache: every step puts one token of every decoding
+``max_batch`` sequence ids: every step puts one token of every decoding
 sequence plus chunks of the prompts being prefilled into one ``llama_batch`` and one
 ``llama_decode``, then draws each sequence's next token with its own native sampler chain
 (:mod:`.llama_sampling`; no logits are copied into Python). Text comes out through :mod:`.detok`
 (UTF-8 reassembly, stop strings).
 
 Which slot a request runs in, what prompt prefix it reuses from the cache, and how a step's token
-budget is shared are decided in :mod:`.batching`. When the KV cache runs out, idle cache entries
-go first, then the most recently started sequence is preempted: its KV is dropped, it waits at
-the head of the queue, and its tokens so far are recomputed when it runs again (nothing is lost
-or truncated; its stream simply pauses).
+budget is shared are decided in :mod:`.batching`. By default each sequence has its own n_ctx KV
+cells (``kv_unified`` off), so a request's output is the same whatever runs beside it. With a
+unified cache (one shared pool of n_ctx cells) the pool can run out: idle cache entries go first,
+then the most recently started sequence is preempted: its KV is dropped, it waits at the head of
+the queue, and its tokens so far are recomputed when it runs again (nothing is lost or
+truncated; its stream simply pauses).
 """
 
 from __future__ import annotations
@@ -118,16 +120,18 @@ class LlamaCppBackend(Backend):
         n_seq = self._slots.n_slots
         self._n_batch = max(cfg.n_batch, n_seq)
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = cfg.n_ctx
+        # Split (default): every sequence has its own n_ctx cells, and its output does not
+        # depend on its batch neighbours, bit for bit (each stream's attention runs alone).
+        # Unified: one pool of n_ctx cells for all sequences (less memory); prefixes are shared
+        # across running requests, a full pool preempts, and interleaved cells change the
+        # attention's summation order, so a greedy continuation can fork in the last bits.
+        params.kv_unified = cfg.kv_unified
+        params.n_ctx = cfg.n_ctx if cfg.kv_unified else cfg.n_ctx * n_seq
         params.n_batch = params.n_ubatch = self._n_batch
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = n_threads
-        # One pool of KV cells for every sequence (default): a single request may use the whole
-        # context, and sequences sharing a prefix share its cells. ``kv_unified=0`` gives each
-        # sequence its own n_ctx / max_batch cells instead.
-        params.kv_unified = cfg.option("kv_unified", "1") != "0"
         # Across separate per-sequence caches llama.cpp can only copy whole sequences.
-        self._slots.share = params.kv_unified
+        self._slots.share = cfg.kv_unified
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(llama.model, params)
         if self._ctx is None:
@@ -136,8 +140,7 @@ class LlamaCppBackend(Backend):
         if self._memory is None:
             raise RuntimeError(f"{cfg.model_path}: the context has no KV memory (not a decoder?)")
         llama_cpp.llama_memory_clear(self._memory, True)
-        # With a unified cache each sequence may use the whole context (llama.cpp rounds it up
-        # to a multiple of 256).
+        # What one request may use: n_ctx either way (llama.cpp rounds up to a multiple of 256).
         self._n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._bos = llama_cpp.llama_vocab_bos(self._vocab)
@@ -150,8 +153,10 @@ class LlamaCppBackend(Backend):
         name = llama.metadata.get("general.name", "")
         description = f"{name} ({desc.value.decode()})" if name else desc.value.decode()
         log.info(
-            "context: n_ctx %d, %d sequences, batch %d tokens, %d threads",
-            self._n_ctx, n_seq, self._n_batch, n_threads,
+            "context: %d tokens per request, %d sequences, %s KV cache of %d cells, "
+            "batch %d tokens, %d threads",
+            self._n_ctx, n_seq, "unified" if cfg.kv_unified else "split",
+            llama_cpp.llama_n_ctx(self._ctx), self._n_batch, n_threads,
         )
         return ModelInfo(backend=self.name, n_ctx=self._n_ctx, description=description)
 

@@ -1,8 +1,9 @@
 """Continuous batching in LlamaCppBackend on the real default model, driven directly.
 
 Several sequences share every ``llama_decode``; these tests check that each still gets its own
-continuation, that the batch is bounded, that aborts free slots, that prompt prefixes are reused
-from the KV cache, and that a full KV cache preempts and recomputes instead of failing.
+continuation (bit for bit with split KV caches, the default), that the batch is bounded, that
+aborts free slots, that prompt prefixes are reused from the KV cache, and that a full unified
+KV pool preempts and recomputes instead of failing.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def backend(default_model: Path) -> Iterator[LlamaCppBackend]:
     b.close()
 
 
+@pytest.fixture(scope="module")
+def unified(default_model: Path) -> Iterator[LlamaCppBackend]:
+    b = make(default_model, kv_unified=True)
+    yield b
+    b.close()
+
+
 def chat(rid: int, content: str, system: str | None = None, **params: Any) -> Submit:
     sp = SamplingParams(**{"max_tokens": 32, "temperature": 0.0, **params})
     msgs = ((ChatMessage("system", system),) if system else ()) + (ChatMessage("user", content),)
@@ -80,11 +88,19 @@ def agree(a: str, b: str) -> int:
 def test_batched_sequences_match_the_same_prompts_served_alone(backend: LlamaCppBackend) -> None:
     alone = {i: text(run(backend, [chat(100 + i, p)])[100 + i]) for i, p in enumerate(PROMPTS)}
     together = run(backend, [chat(200 + i, p) for i, p in enumerate(PROMPTS)])
+    # Split KV caches: each sequence's attention runs over its own cells, so batching changes
+    # nothing, bit for bit.
+    assert {i: text(together[200 + i]) for i in range(len(PROMPTS))} == alone
+
+
+def test_in_a_unified_cache_batched_sequences_keep_their_own_text(unified: LlamaCppBackend) -> None:
+    alone = {i: text(run(unified, [chat(100 + i, p)])[100 + i]) for i, p in enumerate(PROMPTS)}
+    together = run(unified, [chat(200 + i, p) for i, p in enumerate(PROMPTS)])
     for i in range(len(PROMPTS)):
         batched = text(together[200 + i])
-        # Batched kernels may differ in the last bits, so a greedy continuation may fork late;
-        # it must not be another request's text or another topic.
-        assert agree(batched, alone[i]) >= min(40, len(alone[i])), (PROMPTS[i], batched, alone[i])
+        # Interleaved cells change the attention's summation order, so a greedy continuation
+        # may fork late; it must not be another request's text or another topic.
+        assert agree(batched, alone[i]) >= min(20, len(alone[i])), (PROMPTS[i], batched, alone[i])
         for j in range(len(PROMPTS)):
             if j != i:
                 assert agree(batched, alone[j]) < 10
@@ -140,7 +156,7 @@ def test_seeded_sampling_does_not_depend_on_batch_neighbours(backend: LlamaCppBa
     again = Submit(rid=601, params=seeded.params, messages=seeded.messages)
     neighbours = [chat(602 + i, p, temperature=1.0, max_tokens=24) for i, p in enumerate(PROMPTS[1:])]
     with_others = text(run(backend, [again, *neighbours])[601])
-    assert agree(with_others, alone) >= min(30, len(alone)), (alone, with_others)
+    assert with_others == alone
 
 
 def test_stop_strings_hold_in_a_batch(backend: LlamaCppBackend) -> None:
@@ -165,7 +181,8 @@ def test_a_shared_system_prompt_is_reused_from_the_cache(backend: LlamaCppBacken
     assert second[-1].cached_tokens < second[-1].prompt_tokens
 
 
-def test_concurrent_requests_share_a_prefix_with_a_running_one(backend: LlamaCppBackend) -> None:
+def test_concurrent_requests_share_a_prefix_with_a_running_one(unified: LlamaCppBackend) -> None:
+    backend = unified
     # A system prompt no earlier test used: the only place its KV can come from is 900.
     system = "You are a pirate. Answer every question like a pirate would, with gusto. " * 3
     backend.submit(chat(900, PROMPTS[0], system=system, max_tokens=20))
@@ -189,8 +206,8 @@ def test_the_next_chat_turn_reuses_the_previous_turn(backend: LlamaCppBackend) -
 
 
 def test_a_full_kv_cache_preempts_and_recomputes_without_losing_text(default_model: Path) -> None:
-    # 4 sequences x (~40 prompt + 200 generated) tokens do not fit 512 cells at once.
-    small = make(default_model, n_ctx=512)
+    # 4 sequences x (~40 prompt + 200 generated) tokens do not fit a pool of 512 cells at once.
+    small = make(default_model, n_ctx=512, kv_unified=True)
     try:
         reqs = [chat(1100 + i, p, max_tokens=200, ignore_eos=True) for i, p in enumerate(PROMPTS)]
         alone = {r.rid: text(run(small, [r])[r.rid]) for r in reqs[:2]}

@@ -56,13 +56,6 @@ def engine_stats(server: Server) -> dict[str, Any]:
     return engine
 
 
-def agree(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def test_concurrent_streams_are_batched_and_each_gets_its_own_text(server: Server, oai: openai.OpenAI) -> None:
     alone = [stream_text(oai, p)[0] for p in PROMPTS]
     time.sleep(1.2)  # the engine reports its counters once a second
@@ -71,8 +64,8 @@ def test_concurrent_streams_are_batched_and_each_gets_its_own_text(server: Serve
         together = list(pool.map(lambda p: stream_text(oai, p), PROMPTS))
     for i, (text, usage) in enumerate(together):
         assert usage.completion_tokens > 0 and text
-        assert agree(text, alone[i]) >= min(40, len(alone[i])), (PROMPTS[i], text, alone[i])
-        assert all(agree(text, alone[j]) < 10 for j in range(len(PROMPTS)) if j != i)
+        # Split KV caches (the default): batching changes no request's text, bit for bit.
+        assert text == alone[i], (PROMPTS[i], text, alone[i])
     time.sleep(1.2)
     after = engine_stats(server)
     steps, tokens = after["steps"] - before["steps"], after["tokens"] - before["tokens"]
