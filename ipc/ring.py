@@ -6,7 +6,8 @@ producer and the consumer never write the same cache line)::
     0    magic u64 | version u32 | header_size u32 | capacity u64 | nonce u64 | creator pid u64
     128  write counter u64   (producer only; monotonic byte count)
     256  read counter u64    (consumer only; monotonic byte count)
-    264  sleeping u64        (consumer only: 1 while it is, or is about to be, asleep)
+    264  sleep word u64      (consumer only: naps << 1 | 1 while it is, or is about to be,
+                             asleep; naps << 1 while awake)
     384  heartbeat u64       (producer only: its CLOCK_MONOTONIC ns, to tell a hung writer)
     512  flags[4096 bits]    (producer only: a cancel bit per request slot, rid % 4096)
     1024 data[capacity]      (capacity a power of two)
@@ -19,10 +20,14 @@ record starts again at offset 0, so every payload is one contiguous slice that c
 place. The producer writes payload and frame first and publishes by storing the write counter
 (an aligned 8-byte store); a writer that dies mid-record therefore leaves nothing visible.
 
-Wake-ups: a consumer about to block sets ``sleeping``, fences, and looks once more for data
-(:meth:`Ring.prepare_sleep`); a producer publishes, fences, and rings the doorbell only if the
-consumer said it sleeps (:meth:`Ring.needs_wake`). With a full fence on both sides at least one
-of them sees the other's store, so no wake-up is lost (see :mod:`ipc.fences`).
+Wake-ups: a consumer about to block counts a new nap and stores the sleep word with its low bit
+set, fences, and looks once more for data (:meth:`Ring.prepare_sleep`); a producer publishes,
+fences, and rings the doorbell only if the consumer said it sleeps (:meth:`Ring.needs_wake`).
+With a full fence on both sides at least one of them sees the other's store, so no wake-up is
+lost (see :mod:`ipc.fences`). The producer rings once per nap: the word it rang for is
+remembered, so the records that follow until the consumer wakes cost no system call. (A nap
+ends when the consumer runs again, whether or not it really blocked: a front going back to its
+event loop with work pending says "asleep" too, and rang for every record until it drained.)
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import posix_ipc
 from ipc import fences
 
 MAGIC = 0x41585352494E4731  # "AXSRING1"
-VERSION = 2
+VERSION = 3  # 3: the sleep word counts naps
 HEADER_SIZE = 1024
 FLAG_BITS = 4096
 _FLAGS = 512
@@ -56,6 +61,9 @@ _RELEASE = fences.release if fences.WEAKLY_ORDERED else None
 # The handshake's full fence; None without the extension (writers then always ring).
 _FULL = fences.full if fences.HANDSHAKE else None
 _HB = 384 // 8
+# Map every page up front (Linux): a fresh ring otherwise costs each side a page fault per page
+# on first touch, in the middle of its hot loop.
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 KIND_DATA = 1
 KIND_PAD = 2
 NAME_PREFIX = "axs."
@@ -99,6 +107,8 @@ class Ring:
         # never more than the real room; the shared line is re-read only when that looks short
         # (the consumer writes that line on every drain: each load after it did is a cache miss).
         self._r_seen = 0
+        self._naps = 0  # consumer: times it said it goes to sleep
+        self._rung = 0  # producer: the sleep word it last rang the doorbell for
 
     # ---- life cycle ------------------------------------------------------------------------
 
@@ -112,7 +122,7 @@ class Ring:
             if hasattr(os, "posix_fallocate"):
                 # Reserve the pages now: a full /dev/shm fails here, not as SIGBUS mid-write.
                 os.posix_fallocate(shm.fd, 0, HEADER_SIZE + capacity)
-            mm = mmap.mmap(shm.fd, shm.size)
+            mm = mmap.mmap(shm.fd, shm.size, flags=_MAP_FLAGS)
         except BaseException:
             shm.close_fd()
             posix_ipc.unlink_shared_memory(name)
@@ -123,7 +133,7 @@ class Ring:
         ring = cls(name, mm, nonce)
         ring._u64[_W] = 0
         ring._u64[_R] = 0
-        ring._u64[_SLEEP] = 1  # the consumer has not started: wake it for the first record
+        ring._u64[_SLEEP] = 1  # nap 0: the consumer has not started; wake it for the first record
         ring._u64[_HB] = time.monotonic_ns()
         return ring
 
@@ -134,7 +144,7 @@ class Ring:
         except posix_ipc.ExistentialError as e:
             raise RingError(f"shared memory {name} does not exist") from e
         try:
-            mm = mmap.mmap(shm.fd, shm.size)
+            mm = mmap.mmap(shm.fd, shm.size, flags=_MAP_FLAGS)
         finally:
             shm.close_fd()
         magic, version, header_size, capacity, got_nonce, _pid = _HEAD.unpack_from(mm, 0)
@@ -196,21 +206,26 @@ class Ring:
         if _FULL is None:
             return True
         _FULL()  # the counter store above must be visible before the flag is read
-        return self._u64[_SLEEP] != 0
+        word = self._u64[_SLEEP]
+        if word & 1 and word != self._rung:
+            self._rung = word  # once per nap: later records find the doorbell already rung
+            return True
+        return False
 
     def prepare_sleep(self) -> bool:
         """Consumer, before blocking: True if it may sleep (it said so and nothing is waiting)."""
         u64 = self._u64
-        u64[_SLEEP] = 1
+        self._naps += 1
+        u64[_SLEEP] = self._naps << 1 | 1
         fences.full()  # the flag store must be visible before the counter is read
         if u64[_W] != u64[_R]:
-            u64[_SLEEP] = 0
+            u64[_SLEEP] = self._naps << 1
             return False
         return True
 
     def wake_up(self) -> None:
         """Consumer: awake and draining; producers need not ring."""
-        self._u64[_SLEEP] = 0
+        self._u64[_SLEEP] = self._naps << 1
 
     # ---- producer ----------------------------------------------------------------------------
 
@@ -257,7 +272,7 @@ class Ring:
         return self._u64[_W] != self._u64[_R]
 
     def consumer_sleeping(self) -> bool:
-        return self._u64[_SLEEP] != 0
+        return self._u64[_SLEEP] & 1 != 0
 
     def pop_all(self, decode: Callable[[memoryview], T], out: list[T], limit: int = 1 << 30) -> int:
         """Decode the records published so far (at most ``limit``) into ``out``, in place, and
@@ -277,15 +292,16 @@ class Ring:
         consumer a wake-up with nothing to read, for records published in between.
         """
         u64 = self._u64
-        u64[_SLEEP] = 0
+        u64[_SLEEP] = self._naps << 1  # awake
         bell()
         while True:
             limit -= _pop_all(self, decode, out, limit)
-            u64[_SLEEP] = 1
+            self._naps += 1
+            u64[_SLEEP] = self._naps << 1 | 1
             fences.full()  # the flag store must be visible before the counter is read
             if u64[_W] == u64[_R]:
                 return False  # asleep with nothing waiting: the next record rings
-            u64[_SLEEP] = 0
+            u64[_SLEEP] = self._naps << 1
             if limit <= 0:
                 return True
 
