@@ -62,7 +62,7 @@ async def run(args: argparse.Namespace) -> int:
     total = agree_total = 0
     crossed = 0
     print(f"{'req':>3} {'tokens':>6} {'agree':>5}  first difference")
-    for i, (a, t) in enumerate(zip(alone, together)):
+    for i, (a, t) in enumerate(zip(alone, together, strict=True)):
         ta, tt = tokens(a), tokens(t)
         n = agreeing_tokens(ta, tt)
         total += len(ta)
@@ -76,7 +76,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"{i:>3} {len(ta):>6} {n:>5}  {where}")
     print(f"agreeing tokens before the first difference: {agree_total}/{total} "
           f"({100 * agree_total / max(total, 1):.1f}%); identical replies: "
-          f"{sum(a == t for a, t in zip(alone, together))}/{args.n}; cross-talk: {crossed}")
+          f"{sum(a == t for a, t in zip(alone, together, strict=True))}/{args.n}; cross-talk: {crossed}")
     return 1 if crossed else 0
 
 

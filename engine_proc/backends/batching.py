@@ -88,7 +88,7 @@ class SlotTable:
             raise RuntimeError("no free slot")
         limit = len(prompt) - 1
         best_donor, best = None, 0
-        candidates = [(slot, kv, len(kv)) for slot, kv in self._cache.items()]
+        candidates: list[tuple[int, Sequence[int], int]] = [(s, kv, len(kv)) for s, kv in self._cache.items()]
         if self.share:
             candidates += [(slot, kv, n) for slot, (kv, n) in running_kv.items()]
         for slot, kv, n_kv in candidates:

@@ -354,7 +354,7 @@ class LlamaCppBackend(Backend):
                 rids = ", ".join(str(s.rid) for s in self._running)
                 raise LlamaDecodeError(f"llama_decode returned {rc} (requests {rids})")
         deltas: list[Delta] = []
-        for seq, n in zip(list(self._running), plan):
+        for seq, n in zip(list(self._running), plan, strict=True):
             seq.n_past += n
         for seq, idx in outputs:
             assert seq.sampler is not None
@@ -375,7 +375,7 @@ class LlamaCppBackend(Backend):
             batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits,
         )
         i = 0
-        for seq, n in zip(self._running, plan):
+        for seq, n in zip(self._running, plan, strict=True):
             if not n:
                 continue
             start, tokens, slot = seq.n_past, seq.tokens, seq.slot

@@ -90,7 +90,7 @@ def test_decoders_always_get_their_token_and_prefill_shares_the_rest() -> None:
 def test_budget_is_respected_and_a_step_always_progresses(pending: list[int], budget: int) -> None:
     out = share_budget(pending, budget)
     decoders = sum(1 for p in pending if p == 1)
-    assert all(0 <= n <= p for n, p in zip(out, pending))
+    assert all(0 <= n <= p for n, p in zip(out, pending, strict=True))
     assert sum(out) <= max(budget, decoders)
     assert any(out)
 
