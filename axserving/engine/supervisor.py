@@ -121,6 +121,8 @@ class EngineSupervisor:
             "backend": self.backend,
             "last_error": self.last_error,
             "inflight": conn.inflight if conn is not None else 0,
+            "max_batch": self.backend_config.max_batch,
+            "kv_unified": self.backend_config.kv_unified,
             "running": stats.running if stats else 0,
             "waiting": stats.waiting if stats else 0,
             "steps": stats.steps if stats else 0,

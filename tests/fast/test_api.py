@@ -135,6 +135,7 @@ def test_health_and_probes(client: TestClient) -> None:
     assert h["loaded_models"] == ["default"] and h["loaded_model_count"] == 1
     engine = h["models"][0]["engine"]
     assert engine["state"] == "ready" and engine["pid"] > 0 and engine["restarts"] == 0
+    assert engine["max_batch"] == 8 and engine["kv_unified"] is False
     assert client.get("/livez").status_code == 200
     assert client.get("/readyz").json()["ready"] is True
     status = client.get("/v1/admin/status").json()
