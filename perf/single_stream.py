@@ -35,10 +35,16 @@ SETTLE_S = 0.5
 PROMPT = "Write a detailed essay about the history of lighthouses and the people who kept them."
 
 
-def measure_server(client: httpx.Client, url: str, key: str, tokens: int) -> tuple[float, float]:
+def prompt(i: int) -> str:
+    """Round ``i``'s prompt: distinct from its first token, so no path answers from a prefix
+    cache and every TTFT includes the whole prompt's prefill."""
+    return f"Essay {i}. {PROMPT}"
+
+
+def measure_server(client: httpx.Client, url: str, key: str, tokens: int, i: int) -> tuple[float, float]:
     body = {
         "model": "default", "stream": True, "temperature": 0, "max_tokens": tokens, "ignore_eos": True,
-        "messages": [{"role": "user", "content": PROMPT}], "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": prompt(i)}], "stream_options": {"include_usage": True},
     }
     t0 = time.perf_counter()
     first = last = None
@@ -63,27 +69,27 @@ def measure_server(client: httpx.Client, url: str, key: str, tokens: int) -> tup
 def measure_engine(backend: LlamaCppBackend, tokens: int, rid: int) -> tuple[float, float]:
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
-    backend.submit(Submit(rid=rid, params=params, messages=(ChatMessage("user", PROMPT),)))
+    backend.submit(Submit(rid=rid, params=params, messages=(ChatMessage("user", prompt(rid)),)))
     first = last = None
     n = 0
     while backend.has_work():
         for d in backend.step():
-            if d.n_tokens:
+            n = d.completion_tokens
+            if d.text:  # as the HTTP client sees it: the first visible text
                 now = time.perf_counter()
                 first = first or now
                 last = now
-                n = d.completion_tokens
     assert first is not None and last is not None and n == tokens
     return first - t0, (n - 1) / (last - first)
 
 
-def measure_llama_cpp(llm, tokens: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+def measure_llama_cpp(llm, tokens: int, i: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     llm.reset()  # no prompt-cache reuse across rounds: every path prefills the whole prompt
     t0 = time.perf_counter()
     first = last = None
     n = 0
     for chunk in llm.create_chat_completion(
-        messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=tokens, stream=True,
+        messages=[{"role": "user", "content": prompt(i)}], temperature=0, max_tokens=tokens, stream=True,
         logit_bias=None,
     ):
         if chunk["choices"][0]["delta"].get("content"):
@@ -117,19 +123,19 @@ def main() -> None:
     ) as server:
         # One client for all rounds: a new httpx client costs ~20 ms (it loads the CA bundle).
         client = httpx.Client()
-        measure_server(client, server.url, "perf-key", 8)  # warm-up: page in weights, JIT paths
-        measure_engine(engine, 8, 0)
+        measure_server(client, server.url, "perf-key", 8, 10**6)  # warm-up: page in weights
+        measure_engine(engine, 8, 10**6 + 1)
         for i in range(args.rounds):
             # A pause before each path: llama.cpp's OpenMP workers spin for a while after their
             # last step, and would otherwise steal the other path's cores.
             time.sleep(SETTLE_S)
-            results["server"].append(measure_server(client, server.url, "perf-key", args.tokens))
+            results["server"].append(measure_server(client, server.url, "perf-key", args.tokens, 3 * i))
             time.sleep(SETTLE_S)
-            results["engine"].append(measure_engine(engine, args.tokens, i + 1))
+            results["engine"].append(measure_engine(engine, args.tokens, 3 * i + 1))
             time.sleep(SETTLE_S)
             # llama-cpp-python's high-level path stops at EOS (it has no ignore_eos); its tok/s
             # is still per generated token.
-            results["llama_cpp"].append(measure_llama_cpp(llm, args.tokens))
+            results["llama_cpp"].append(measure_llama_cpp(llm, args.tokens, 3 * i + 2))
     engine.close()
 
     med = {k: (statistics.median(t for t, _ in v), statistics.median(r for _, r in v)) for k, v in results.items()}
