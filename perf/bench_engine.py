@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -75,8 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx-size", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=512, help="tokens per llama_decode")
     ap.add_argument("--option", action="append", default=[], metavar="K=V", help="backend option")
+    ap.add_argument(
+        "--nice", type=int, default=0,
+        help="run at this niceness, as the server runs its engines (engine.nice, 10): the same "
+        "priority against whatever else the machine runs",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
     sizes = [int(b) for b in args.batch.split(",")]
     model = args.model or str(
         model_store.ensure(model_store.DEFAULT_MODEL, model_store.cache_dir("~/.cache/axserving/models"))

@@ -37,7 +37,8 @@ for r in $(seq 1 "$ROUNDS"); do
     --eos-token-id 2 --concurrency "$CONC" --num-requests "$NREQ" --max-tokens "$MAXTOK" \
     --json "$OUT/serving_$r.json" --quiet || true
   echo "=== round $r: engine in-process"
-  $PY perf/bench_engine.py --batch "$CONC" --rounds 1 --max-tokens "$MAXTOK" --threads "$THREADS" \
+  # At the server's engine niceness (engine.nice, 10), so background load weighs on both alike.
+  $PY perf/bench_engine.py --batch "$CONC" --rounds 1 --max-tokens "$MAXTOK" --threads "$THREADS" --nice 10 \
     --json "$OUT/engine_$r.json" | tail -n +2
 done
 
