@@ -18,15 +18,10 @@ import pytest
 from engine_proc.backends.base import BackendConfig
 from engine_proc.backends.llama_cpp import LlamaCppBackend
 from ipc.records import ChatMessage, Delta, SamplingParams, Submit
+from tests.prompts import PROMPTS
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = (
-    "Write a short poem about the moon.",
-    "List three facts about elephants.",
-    "Explain what a computer keyboard is.",
-    "Describe a busy market in the morning.",
-)
 SYSTEM = "You are a helpful assistant who answers briefly and precisely, in plain English. " * 3
 
 

@@ -12,16 +12,11 @@ from typing import Any
 import openai
 import pytest
 
+from tests.prompts import PROMPTS
 from tests.server import Server, run_server
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = (
-    "Write a short poem about the moon.",
-    "List three facts about elephants.",
-    "Explain what a computer keyboard is.",
-    "Describe a busy market in the morning.",
-)
 
 
 @pytest.fixture(scope="module")
