@@ -286,20 +286,18 @@ class LlamaCppBackend(Backend):
         """Make ``slot``'s KV hold exactly the first ``reuse`` tokens; return what it holds."""
         mem = self._memory
         if donor == slot:
-            if llama_cpp.llama_memory_seq_rm(mem, slot, reuse, -1):
-                return reuse
-            # This cache cannot drop a tail (e.g. sliding-window layers): start afresh.
+            kept = llama_cpp.llama_memory_seq_rm(mem, slot, reuse, -1)
+        else:
             llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
-            return 0
+            kept = donor is not None and reuse > 0
+            if kept:
+                llama_cpp.llama_memory_seq_cp(mem, donor, slot, 0, reuse)
+        # Reuse only a whole prefix: not if the cache cannot drop a tail (recurrent state), nor
+        # if it has let go of early positions (sliding-window layers keep only the window).
+        if kept and reuse > 0 and llama_cpp.llama_memory_seq_pos_min(mem, slot) == 0:
+            return reuse
         llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
-        if donor is None or reuse == 0:
-            return 0
-        llama_cpp.llama_memory_seq_cp(mem, donor, slot, 0, reuse)
-        if llama_cpp.llama_memory_seq_pos_min(mem, slot) > 0:
-            # Positions below the window are gone (sliding-window cache): nothing to reuse.
-            llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
-            return 0
-        return reuse
+        return 0
 
     def _end(self, seq: _Sequence, keep_cache: bool) -> None:
         """Take a running sequence out; keep its KV as a prefix-cache entry, or free it."""
