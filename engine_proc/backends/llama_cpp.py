@@ -10,7 +10,8 @@ sequence plus chunks of the prompts being prefilled into one ``llama_batch`` and
 
 Which slot a request runs in, what prompt prefix it reuses from the cache, and how a step's token
 budget is shared are decided in :mod:`.batching`. By default each sequence has its own n_ctx KV
-cells (``kv_unified`` off), so a request's output is the same whatever runs beside it. With a
+cells (``kv_unified`` off) and its own attention, so what runs beside a request does not change
+its output (bar rounding in batched kernels, seen on some models). With a
 unified cache (one shared pool of n_ctx cells) the pool can run out: idle cache entries go first,
 then the most recently started sequence is preempted: its KV is dropped, it waits at the head of
 the queue, and its tokens so far are recomputed when it runs again (nothing is lost or
@@ -120,8 +121,9 @@ class LlamaCppBackend(Backend):
         n_seq = self._slots.n_slots
         self._n_batch = max(cfg.n_batch, n_seq)
         params = llama_cpp.llama_context_default_params()
-        # Split (default): every sequence has its own n_ctx cells, and its output does not
-        # depend on its batch neighbours, bit for bit (each stream's attention runs alone).
+        # Split (default): every sequence has its own n_ctx cells and its attention runs alone,
+        # so batch neighbours do not change its output (bit for bit on SmolLM2; on Gemma 3
+        # Q4_K_M batched kernels still round differently, and a greedy reply can fork).
         # Unified: one pool of n_ctx cells for all sequences (less memory); prefixes are shared
         # across running requests, a full pool preempts, and interleaved cells change the
         # attention's summation order, so a greedy continuation can fork in the last bits.
