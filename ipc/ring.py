@@ -44,6 +44,11 @@ import posix_ipc
 
 from ipc import fences
 
+try:
+    from ipc import _ringscan
+except ImportError:  # the optional extension was not built: the pure-Python loop below
+    _ringscan = None  # type: ignore[assignment]  # noqa: F811
+
 MAGIC = 0x41585352494E4731  # "AXSRING1"
 VERSION = 3  # 3: the sleep word counts naps
 HEADER_SIZE = 1024
@@ -98,6 +103,7 @@ class Ring:
         self.capacity = len(mm) - HEADER_SIZE
         self._mask = self.capacity - 1
         self._data = self._buf[HEADER_SIZE:]
+        self._data_ro = self._data.toreadonly()  # what decoders get slices of (C scan)
         self.nonce = nonce
         self._unlinked = False
         self._wseq = 0  # producer: records written (low 16 bits go in the frame)
@@ -172,7 +178,7 @@ class Ring:
     def close(self) -> None:
         if self._mm.closed:
             return
-        for view in (self._u64, self._data, self._buf):
+        for view in (self._u64, self._data_ro, self._data, self._buf):
             view.release()
         self._mm.close()
 
@@ -311,19 +317,19 @@ class Ring:
         return out[0] if _pop_all(self, decode, out, 1) else None
 
 
-def _pop_all(ring: Ring, decode: Callable[[memoryview], T], out: list[T], limit: int) -> int:
+def _pop_all_py(ring: Ring, decode: Callable[[memoryview], T], out: list[T], limit: int) -> int:
     """Decode every published record into ``out``; returns how many. One load of the write
     counter, one store of the read counter, and a tight loop (this is the front's hot path:
-    per record, little but the decode itself)."""
-    u64, data, cap, mask = ring._u64, ring._data, ring.capacity, ring._mask
+    per record, little but the decode itself). The fallback of :func:`_pop_all_c`."""
+    u64, data, cap, mask = ring._u64, ring._data_ro, ring.capacity, ring._mask
     r0 = r = u64[_R]
     w = u64[_W]
     if r == w:
         return 0
     if _ACQUIRE is not None:
         _ACQUIRE()
-    if w - r > cap:
-        raise RingError(f"{ring.name}: counters out of range (w={w}, r={r})")
+    if not 0 <= w - r <= cap or r & 7:
+        raise _counters_error(ring, r, w)
     unpack, append, data_kind, pad_kind = _FRAME.unpack_from, out.append, KIND_DATA, KIND_PAD
     seq = ring._rseq
     n = 0
@@ -335,17 +341,17 @@ def _pop_all(ring: Ring, decode: Callable[[memoryview], T], out: list[T], limit:
             body = pos + 8
             size = 8 + ((length + 7) & ~7)
             if pos + size > cap or r + size > w:
-                raise RingError(f"{ring.name}: corrupt frame at {r} (len={length}, kind={kind})")
+                raise _frame_error(ring, r, length, kind)
             if kind == data_kind:
                 if fseq != seq & 0xFFFF:
-                    raise RingError(f"{ring.name}: record {seq} has sequence {fseq} (torn or stale frame)")
+                    raise _sequence_error(ring, seq, fseq)
                 view = data[body : body + length]
                 append(decode(view))
                 view.release()
                 seq += 1
                 n += 1
             elif kind != pad_kind:
-                raise RingError(f"{ring.name}: corrupt frame at {r} (len={length}, kind={kind})")
+                raise _frame_error(ring, r, length, kind)
             r += size
     finally:
         if view is not None:
@@ -356,6 +362,44 @@ def _pop_all(ring: Ring, decode: Callable[[memoryview], T], out: list[T], limit:
                 _RELEASE()  # done reading before the producer may reuse the space
             u64[_R] = r
     return n
+
+
+def _pop_all_c(ring: Ring, decode: Callable[[memoryview], T], out: list[T], limit: int) -> int:
+    """:func:`_pop_all_py` in C (``ipc._ringscan``): the same checks, counters and errors,
+    without the per-record bytecode. On a bad frame the records before it are consumed and
+    the read counter points at it, so the error is described from there."""
+    n = _ringscan.pop_all(ring, ring._buf, ring._data_ro, decode, out, limit)
+    if n >= 0:
+        return n
+    u64 = ring._u64
+    r = u64[_R]
+    if n == _ringscan.STATUS_COUNTERS:
+        raise _counters_error(ring, r, u64[_W])
+    length, kind, fseq = _FRAME.unpack_from(ring._data, r & ring._mask)
+    if n == _ringscan.STATUS_SEQUENCE:
+        raise _sequence_error(ring, ring._rseq, fseq)
+    raise _frame_error(ring, r, length, kind)
+
+
+def _counters_error(ring: Ring, r: int, w: int) -> RingError:
+    return RingError(f"{ring.name}: counters out of range (w={w}, r={r})")
+
+
+def _frame_error(ring: Ring, r: int, length: int, kind: int) -> RingError:
+    return RingError(f"{ring.name}: corrupt frame at {r} (len={length}, kind={kind})")
+
+
+def _sequence_error(ring: Ring, seq: int, fseq: int) -> RingError:
+    return RingError(f"{ring.name}: record {seq} has sequence {fseq} (torn or stale frame)")
+
+
+# The consumer's scan: C when the extension was built for this layout, else the Python loop.
+# (Module-level, looked up at each call, so tests can run both.)
+_pop_all = (
+    _pop_all_c
+    if _ringscan is not None and _ringscan.LAYOUT == (_W * 8, _R * 8, HEADER_SIZE, KIND_DATA, KIND_PAD)
+    else _pop_all_py
+)
 
 
 def sweep_orphans(shm_dir: str = "/dev/shm") -> list[str]:
