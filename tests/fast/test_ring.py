@@ -9,16 +9,28 @@ from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipc import records
+from ipc import ring as ring_mod
 from ipc.channel import EngineEnd, FrontEnd
 from ipc.ring import HEADER_SIZE, Ring, RingError, sweep_orphans
+
+SCANS = {"c": ring_mod._pop_all_c, "py": ring_mod._pop_all_py}
 
 
 def ident(view: memoryview) -> bytes:
     return bytes(view)
+
+
+@pytest.fixture(params=list(SCANS), autouse=True)
+def scan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with the consumer's C scan and with its pure-Python fallback."""
+    if request.param == "c" and ring_mod._ringscan is None:
+        pytest.skip("ipc._ringscan was not built (test_c_scan_is_built says why that is wrong)")
+    monkeypatch.setattr(ring_mod, "_pop_all", SCANS[request.param])
+    return str(request.param)
 
 
 @contextmanager
@@ -53,7 +65,7 @@ def test_round_trip_and_empty(ring: Ring) -> None:
     assert ring.pop(ident) is None
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.binary(min_size=0, max_size=1000), min_size=1, max_size=80))
 def test_random_sizes_wrap_and_fill(sizes: list[bytes]) -> None:
     ring = Ring.create("prop", 4096)
@@ -383,3 +395,157 @@ def _burst_engine(spec, bursts: int) -> None:  # type: ignore[no-untyped-def]
             time.sleep(0.0005 * (b % 3))
     finally:
         end.close()
+
+
+# ---- the consumer's scan: C and Python agree, on good frames and on garbage ---------------------
+
+
+def test_c_scan_is_built_and_selected() -> None:
+    assert ring_mod._ringscan is not None, "the ipc._ringscan extension should be built by the install"
+    assert ring_mod._ringscan.LAYOUT == (128, 256, HEADER_SIZE, ring_mod.KIND_DATA, ring_mod.KIND_PAD)
+
+
+def _read_counter(ring: Ring) -> int:
+    return int(ring._u64[ring_mod._R])
+
+
+def test_decode_error_mid_batch_consumes_the_records_before_it(ring: Ring) -> None:
+    for i in range(5):
+        assert ring.try_write(bytes([i]) * 3)
+    calls = []
+
+    def flaky(view: memoryview) -> bytes:
+        calls.append(view)
+        if view[0] == 2:
+            raise KeyError("bad record")
+        return bytes(view)
+
+    out: list[bytes] = []
+    with pytest.raises(KeyError, match="bad record"):
+        ring.pop_all(flaky, out)
+    assert out == [b"\0\0\0", b"\1\1\1"]
+    assert ring._rseq == 2 and _read_counter(ring) == 2 * 16  # two 16-byte records consumed
+    with pytest.raises(ValueError):
+        calls[-1][0]  # the failed record's view was released too
+    assert ring.pop_all(ident, out) == 3  # the record that failed is read again, then the rest
+    assert out[2:] == [bytes([i]) * 3 for i in (2, 3, 4)]
+    assert not ring.has_data() and ring._rseq == 5
+
+
+def test_limit_and_resume(ring: Ring) -> None:
+    for i in range(5):
+        assert ring.try_write(bytes([i]))
+    out: list[bytes] = []
+    assert ring.pop_all(ident, out, 3) == 3
+    assert ring.pop_all(ident, out, 0) == 0
+    assert ring.pop_all(ident, out) == 2
+    assert out == [bytes([i]) for i in range(5)]
+
+
+def test_pad_frame_at_the_wrap(ring: Ring) -> None:
+    for _ in range(3):
+        assert ring.try_write(b"a" * 1000)  # 3 x 1008 bytes
+    assert ring.pop_all(ident, []) == 3
+    assert ring.try_write(b"b" * 1000)  # 3024..4032
+    assert ring.try_write(b"c" * 100)  # 64 bytes left at the end: a pad frame, then offset 0
+    assert ring.pop(ident) == b"b" * 1000
+    assert ring.pop(ident) == b"c" * 100
+    assert _read_counter(ring) == 4096 + 8 + 104
+
+
+def test_corrupt_pad_kind_is_a_typed_error(ring: Ring) -> None:
+    for _ in range(3):
+        assert ring.try_write(b"a" * 1000)
+    assert ring.try_write(b"b" * 1000)
+    assert ring.pop_all(ident, []) == 4
+    assert ring.try_write(b"c" * 100)
+    struct.pack_into("<H", ring._buf, HEADER_SIZE + 4032 + 4, 9)  # the pad frame's kind
+    with pytest.raises(RingError, match=r"corrupt frame at 4032 \(len=56, kind=9\)"):
+        ring.pop(ident)
+
+
+@pytest.mark.parametrize(
+    ("r", "w", "message"),
+    [(64, 32, "counters out of range"), (0, 5000, "counters out of range"), (4, 20, "counters out of range")],
+)
+def test_bad_counters_are_a_typed_error(ring: Ring, r: int, w: int, message: str) -> None:
+    ring._u64[ring_mod._R], ring._u64[ring_mod._W] = r, w
+    with pytest.raises(RingError, match=message):
+        ring.pop(ident)
+    assert _read_counter(ring) == r
+
+
+def test_views_are_read_only_and_released(ring: Ring) -> None:
+    assert ring.try_write(b"abcdef")
+    kept: list[memoryview] = []
+
+    def keep(view: memoryview) -> bytes:
+        assert view.readonly and view.nbytes == 6 and view.format == "B"
+        kept.append(view)
+        return bytes(view)
+
+    assert ring.pop(keep) == b"abcdef"
+    with pytest.raises(ValueError):
+        kept[0].tobytes()  # released after decode, whatever decode did with it
+
+
+def test_a_slice_kept_by_decode_stays_valid(ring: Ring) -> None:
+    """Against the contract, but memory-safe: a sub-view keeps the mapping exported."""
+    assert ring.try_write(b"abcdef")
+    kept = ring.pop(lambda view: view[2:])
+    assert kept is not None and bytes(kept) == b"cdef"
+    kept.release()
+
+
+def _snapshot(ring: Ring) -> tuple[bytes, int]:
+    return bytes(ring._buf), ring._rseq
+
+
+def _restore(ring: Ring, snap: tuple[bytes, int]) -> None:
+    ring._buf[:] = snap[0]
+    ring._rseq = snap[1]
+
+
+def _outcome(ring: Ring, impl: str, limit: int) -> tuple[object, list[bytes], int, int]:
+    out: list[bytes] = []
+    try:
+        result: object = SCANS[impl](ring, ident, out, limit)
+    except RingError as e:
+        result = str(e)
+    return result, out, _read_counter(ring), ring._rseq
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    records_=st.lists(st.binary(max_size=300), max_size=12),
+    read=st.integers(0, 12),
+    pokes=st.lists(st.tuples(st.integers(0, 4096 + 7), st.integers(0, 255)), max_size=6),
+    counters=st.one_of(st.none(), st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))),
+    limit=st.integers(0, 16),
+)
+def test_c_and_python_scans_agree_on_garbage(
+    records_: list[bytes], read: int, pokes: list[tuple[int, int]],
+    counters: tuple[int, int] | None, limit: int, scan: str,
+) -> None:
+    """Valid records, then random bytes poked into frames, payloads and counters: both scans
+    give the same records, the same error, the same counters (and neither crashes)."""
+    if ring_mod._ringscan is None:
+        pytest.skip("ipc._ringscan was not built")
+    ring = Ring.create("fuzz", 4096)
+    try:
+        for i, payload in enumerate(records_):
+            if not ring.try_write(payload):
+                break
+            if i < read:
+                assert ring.pop(ident) == payload
+        for offset, byte in pokes:
+            ring._buf[HEADER_SIZE + min(offset, 4095)] = byte
+        if counters is not None:
+            ring._u64[ring_mod._R], ring._u64[ring_mod._W] = counters
+        snap = _snapshot(ring)
+        c = _outcome(ring, "c", limit)
+        _restore(ring, snap)
+        assert _outcome(ring, "py", limit) == c
+    finally:
+        ring.unlink()
+        ring.close()
