@@ -16,6 +16,10 @@ hits them alike; figures are medians over rounds, latency percentiles are over p
    (``perf_counter_ns``: CLOCK_MONOTONIC, comparable across processes on Linux).
 3. front CPU per token at 1, 8 and 64 sequences per step, paced (a step every ~1 ms, a real
    engine's rate) and unpaced; the front dispatches each delta to a per-request object.
+   Unpaced, the engine sends a cycle of steps encoded once, so it always outruns the front and
+   the figure is the front's own cost per token with full batches (an engine that encodes each
+   step runs at about the front's pace, and the front then flips between a wake-up per record
+   and large batches from run to run).
 4. lost wake-ups (ring only): ping-pong cycles, each side sleeping on its doorbell in turn.
 
     .venv/bin/python perf/ipc_bench.py [--quick] [--cycles 100000] [--json PATH]
@@ -84,15 +88,23 @@ class Plan:
     records: int  # throughput: steps per run
     latency_samples: int  # per transport per round
     paced_steps: int  # CPU runs paced at STEP_PERIOD_S
-    unpaced_tokens: int  # CPU runs back to back: steps = tokens // sequences per step
+    # CPU runs back to back: steps = min(tokens // sequences per step, max steps). Long enough
+    # for a stable figure: a 40-60 ms run swung 0.55-1.05 µs/token between runs of the same code
+    # (a single scheduler hiccup is a large share of it); 0.3-3 s runs, five rounds, medians.
+    unpaced_tokens: int
+    unpaced_max_steps: int
+    unpaced_rounds: int
     cycles: int  # ping-pong
     seqs: tuple[int, ...] = (1, 8, 64)
 
+    def unpaced_steps(self, seqs: int) -> int:
+        return max(1, min(self.unpaced_tokens // seqs, self.unpaced_max_steps))
+
 
 FULL = Plan(rounds=3, records=200_000, latency_samples=1000, paced_steps=1000,
-            unpaced_tokens=64_000, cycles=100_000)
+            unpaced_tokens=800_000, unpaced_max_steps=100_000, unpaced_rounds=5, cycles=100_000)
 QUICK = Plan(rounds=1, records=20_000, latency_samples=300, paced_steps=200,
-             unpaced_tokens=8_000, cycles=2_000)
+             unpaced_tokens=16_000, unpaced_max_steps=8_000, unpaced_rounds=1, cycles=2_000)
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,14 @@ class Job:
     steps: int
     seqs: int = 1
     gap_s: float = 0.0  # sleep before each step (0: back to back)
+    # Send a cycle of steps encoded once (no send times): an engine that costs next to nothing,
+    # so the front is always behind and its CPU per token is its own cost, not a tie with the
+    # engine's pace (a front that keeps up pays a wake-up per record or two, one that falls
+    # behind gets big batches: the same code swung between the two from run to run).
+    encode_once: bool = False
+
+
+ENCODE_CYCLE = 64  # distinct steps in an encode_once cycle
 
 
 # ---- the child's side of each transport ------------------------------------------------------
@@ -109,6 +129,7 @@ class Job:
 
 class Link(Protocol):
     def send(self, record: records.ToFront) -> None: ...
+    def send_encoded(self, payload: bytes) -> None: ...  # an encoded record, as send would write
     def close(self) -> None: ...
 
 
@@ -122,8 +143,26 @@ class Peer(Protocol):
 class RingPeer:
     spec: ChannelSpec
 
-    def open(self) -> EngineEnd:
-        return EngineEnd(self.spec)
+    def open(self) -> RingLink:
+        return RingLink(EngineEnd(self.spec))
+
+
+class RingLink:
+    """The engine's channel end, plus sending a record already encoded."""
+
+    def __init__(self, end: EngineEnd) -> None:
+        self.end = end
+        self.send = end.send
+        self.recv = end.recv
+        self.wait = end.wait
+        self.close = end.close
+
+    def send_encoded(self, payload: bytes) -> None:
+        # As EngineEnd.send: wait for room while the front drains.
+        delay = 0.0001
+        while not self.end.try_send(payload):
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
 
 
 class _PassedFd:
@@ -151,7 +190,9 @@ class PipePeer:
         return self
 
     def send(self, record: records.ToFront) -> None:
-        payload = records.encode(record)
+        self.send_encoded(records.encode(record))
+
+    def send_encoded(self, payload: bytes) -> None:
         frame = _LEN.pack(len(payload)) + payload
         written = os.write(self.wfd.fd, frame)
         if written != len(frame):  # only for frames over PIPE_BUF
@@ -174,6 +215,9 @@ class QueuePeer:
 
     def send(self, record: records.ToFront) -> None:
         self.queue.put(records.encode(record))
+
+    def send_encoded(self, payload: bytes) -> None:
+        self.queue.put(payload)
 
     def close(self) -> None:
         self.queue.close()
@@ -319,12 +363,25 @@ def _child_setup() -> None:
         ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def _step(i: int, seqs: int, stamp: int) -> records.Step:
+    n = len(TEXTS)
+    return records.Step(tuple(
+        records.Delta(rid, TEXTS[(i + rid) % n], 1, None, stamp if rid == 0 else 0, i + 1) for rid in range(seqs)
+    ))
+
+
 def engine_steps(peer: Peer, job: Job) -> None:
-    """Child: Ready, then ``job.steps`` steps; the first delta of each carries its send time."""
+    """Child: Ready, then ``job.steps`` steps; the first delta of each carries its send time
+    (unless ``job.encode_once``)."""
     _child_setup()
     link = peer.open()
     try:
         link.send(records.Ready(os.getpid(), "ipc-bench", 0))
+        if job.encode_once:
+            cycle = [records.encode(_step(i, job.seqs, 0)) for i in range(ENCODE_CYCLE)]
+            for i in range(job.steps):
+                link.send_encoded(cycle[i % ENCODE_CYCLE])
+            return
         n = len(TEXTS)
         for i in range(job.steps):
             rest = tuple(
@@ -716,13 +773,15 @@ async def measure_latency(plan: Plan) -> Figures:
 
 async def measure_cpu(plan: Plan) -> Figures:
     per_token: dict[str, dict[str, list[float]]] = {}
-    for r in range(plan.rounds):
+    for r in range(max(plan.rounds, plan.unpaced_rounds)):
         for paced in (True, False):
+            if r >= (plan.rounds if paced else plan.unpaced_rounds):
+                continue
             for seqs in plan.seqs:
                 if paced:
                     job = Job(steps=plan.paced_steps, seqs=seqs, gap_s=STEP_PERIOD_S)
                 else:
-                    job = Job(steps=max(1, plan.unpaced_tokens // seqs), seqs=seqs)
+                    job = Job(steps=plan.unpaced_steps(seqs), seqs=seqs, encode_once=True)
                 row = per_token.setdefault(f"{seqs} seq/step, {'paced' if paced else 'unpaced'}", {})
                 for name in _order(r):
                     dispatcher = Dispatcher(job.steps, seqs)
@@ -819,9 +878,10 @@ async def run_all(plan: Plan) -> dict[str, Any]:
                 f"{plan.latency_samples * plan.rounds:,} samples each (lower is better)", report["latency"])
 
     report["cpu"] = await measure_cpu(plan)
+    unpaced = ", ".join(f"{plan.unpaced_steps(n) * n:,}" for n in plan.seqs)
     print_table(f"3. front CPU per token (decode + dispatch to per-request objects); paced: "
-                f"{plan.paced_steps} steps ~{STEP_PERIOD_S * 1e3:.0f} ms apart, unpaced: "
-                f"{plan.unpaced_tokens:,} tokens back to back (median of {plan.rounds}; lower is better)",
+                f"{plan.paced_steps} steps ~{STEP_PERIOD_S * 1e3:.0f} ms apart (median of {plan.rounds}), "
+                f"unpaced: {unpaced} tokens back to back (median of {plan.unpaced_rounds}); lower is better",
                 report["cpu"])
 
     report["pingpong"] = await measure_pingpong(plan.cycles)
