@@ -12,7 +12,8 @@ import pytest
 
 from engine_proc.backends.base import BackendConfig, RequestRejected
 from engine_proc.backends.llama_cpp import LlamaCppBackend
-from ipc.records import ChatMessage, Delta, SamplingParams, Submit
+from ipc.records import ChatMessage, SamplingParams, Submit
+from tests.batching import agree, run, text
 from tests.server import Server, run_server
 
 pytestmark = pytest.mark.slow
@@ -35,25 +36,7 @@ def backend(gemma_model: Path) -> Iterator[LlamaCppBackend]:
     b.close()
 
 
-def run(b: LlamaCppBackend, reqs: list[Submit]) -> dict[int, list[Delta]]:
-    out: dict[int, list[Delta]] = {}
-    for r in reqs:
-        b.submit(r)
-    while b.has_work():
-        for d in b.step():
-            out.setdefault(d.rid, []).append(d)
-    return out
 
-
-def text(deltas: list[Delta]) -> str:
-    return "".join(d.text for d in deltas)
-
-
-def agree(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def test_batched_completions_keep_their_own_text(backend: LlamaCppBackend) -> None:

@@ -17,8 +17,8 @@ import pytest
 
 from engine_proc.backends.base import BackendConfig
 from engine_proc.backends.llama_cpp import LlamaCppBackend
-from ipc.records import ChatMessage, Delta, SamplingParams, Submit
-from tests.prompts import PROMPTS
+from ipc.records import ChatMessage, SamplingParams, Submit
+from tests.batching import PROMPTS, agree, run, text
 
 pytestmark = pytest.mark.slow
 
@@ -53,31 +53,7 @@ def chat(rid: int, content: str, system: str | None = None, **params: Any) -> Su
     return Submit(rid=rid, params=sp, messages=msgs)
 
 
-def run(b: LlamaCppBackend, requests: list[Submit], max_steps: int = 5000) -> dict[int, list[Delta]]:
-    """Submit all, step until all finish; return each request's deltas."""
-    for r in requests:
-        b.submit(r)
-    out: dict[int, list[Delta]] = {r.rid: [] for r in requests}
-    for _ in range(max_steps):
-        if not b.has_work():
-            break
-        for d in b.step():
-            out.setdefault(d.rid, []).append(d)
-    assert not b.has_work()
-    for rid, deltas in out.items():
-        assert deltas and deltas[-1].finish_reason is not None, f"request {rid} did not finish"
-    return out
 
-
-def text(deltas: list[Delta]) -> str:
-    return "".join(d.text for d in deltas)
-
-
-def agree(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def test_batched_sequences_match_the_same_prompts_served_alone(backend: LlamaCppBackend) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.prompts import PROMPTS
+from tests.batching import PROMPTS
 from tests.server import Server, run_server
 
 pytestmark = pytest.mark.slow
