@@ -151,7 +151,6 @@ class EngineLoop:
                 self.running = False
 
     def run(self) -> None:
-        self.backend.heartbeat = self.channel.beat
         self.backend.cancelled = self.channel.cancelled
         while self.running:
             self.run_once()

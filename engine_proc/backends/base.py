@@ -16,10 +16,6 @@ from dataclasses import dataclass
 from ipc.records import Delta, Submit
 
 
-def _nothing() -> None:
-    pass
-
-
 def _never(rid: int) -> bool:
     return False
 
@@ -60,11 +56,10 @@ class Backend(abc.ABC):
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
-        # Set by the engine loop: call between long stretches of work inside one step (prefill
-        # chunks), so the front's hang detection sees a slow step as alive.
-        self.heartbeat: Callable[[], None] = _nothing
-        # Set by the engine loop: has the front cancelled this request? Check it where a step
-        # can take long (between prefill chunks) and drop the request at once if so.
+        # Set by the engine loop: has the front cancelled this request? Check it before work
+        # that takes long (the next prefill chunk) and drop the request at once if so. (A step
+        # is bounded, one llama_decode of at most n_batch tokens, and the loop beats the
+        # heartbeat between steps.)
         self.cancelled: Callable[[int], bool] = _never
 
     @abc.abstractmethod
