@@ -42,6 +42,10 @@ _NO_TOKEN = -1  # llama.cpp's LLAMA_TOKEN_NULL: the vocab has no such special to
 _KV_FULL = 1  # llama_decode: no KV slot for the batch (nothing was computed; safe to retry)
 
 
+def _by_slot(item: tuple[_Sequence, int]) -> int:
+    return item[0].slot
+
+
 class LlamaDecodeError(RuntimeError):
     """``llama_decode`` failed; the KV cache state is no longer trustworthy."""
 
@@ -367,7 +371,10 @@ class LlamaCppBackend(Backend):
 
     def _fill_batch(self, plan: list[int]) -> list[tuple[_Sequence, int]]:
         """Write this step's tokens into the batch; return (sequence, output index) for each
-        sequence whose last pending token is in it (its logits are sampled)."""
+        sequence whose last pending token is in it (its logits are sampled).
+
+        ``plan`` is in admission order (who gets the budget); the tokens are listed in slot
+        order, so each run of consecutive slots is one micro-batch (see :mod:`.batching`)."""
         batch = self._batch
         assert batch is not None
         outputs: list[tuple[_Sequence, int]] = []
@@ -375,7 +382,7 @@ class LlamaCppBackend(Backend):
             batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits,
         )
         i = 0
-        for seq, n in zip(self._running, plan, strict=True):
+        for seq, n in sorted(zip(self._running, plan, strict=True), key=_by_slot):
             if not n:
                 continue
             start, tokens, slot = seq.n_past, seq.tokens, seq.slot

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine_proc.backends.batching import Placement, SlotTable, common_prefix, share_budget
+from engine_proc.backends.batching import Placement, SlotTable, common_prefix, share_budget, slot_runs
 
 
 @given(st.lists(st.integers(0, 3), max_size=300), st.lists(st.integers(0, 3), max_size=300))
@@ -103,3 +103,55 @@ def test_without_sharing_a_prefix_is_only_reused_in_place() -> None:
     assert p.donor is None and p.reuse == 0
     t.release(p.slot, system + [2, 3])
     assert t.place(system + [4], {running.slot: (system + [1], 51)}) == Placement(p.slot, p.slot, 50)
+
+
+def test_slot_runs_counts_runs_of_consecutive_ids() -> None:
+    assert slot_runs([]) == 0
+    assert slot_runs([3]) == 1
+    assert slot_runs([0, 1, 2, 3]) == 1
+    assert slot_runs([3, 0, 2, 1]) == 1  # order does not matter: the batch is listed by slot
+    assert slot_runs([0, 2, 4, 6]) == 4
+    assert slot_runs([0, 1, 5, 6, 7]) == 2
+
+
+def test_a_miss_takes_an_empty_slot_that_joins_the_running_ones() -> None:
+    t = SlotTable(6)
+    for _ in range(3):
+        t.place([9], {})
+    t.release(0, None)
+    t.release(1, None)  # running: 2; empty: 0, 1, 3, 4, 5
+    assert t.place([7], {}).slot == 1  # next to 2, and lower than 3
+    assert t.place([8], {}).slot == 0
+    assert t.place([6], {}).slot == 3
+
+
+def test_of_equal_prefixes_the_entry_next_to_running_slots_is_reused() -> None:
+    t = SlotTable(5, share=False)
+    system = list(range(40))
+    for i in range(5):
+        t.place(system + [100 + i], {})
+    # Idle entries in 4 (least recently used) and 2; slots 0, 1, 3 run.
+    t.release(4, system + [104])
+    t.release(2, system + [102])
+    p = t.place(system + [200], {})
+    assert p == Placement(2, 2, 40)  # fills the gap between 1 and 3, rather than the LRU entry
+    # A longer prefix still wins wherever it is.
+    t.release(2, system + [200])
+    t.place([5], {})  # takes 2 again (the only other idle entry is 4, not adjacent to more)
+    assert t.place(system + [104, 1], {}) == Placement(4, 4, 41)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 7)), max_size=60))
+def test_misses_never_split_runs_when_a_joining_slot_is_empty(ops: list[tuple[bool, int]]) -> None:
+    t = SlotTable(8)
+    running: set[int] = set()
+    for is_place, k in ops:
+        if is_place and t.has_free():
+            joining = {s for s in range(8) if s not in running and (s - 1 in running or s + 1 in running)}
+            slot = t.place([k], {}).slot  # no entry is ever kept: every place is a miss
+            assert not joining or slot in joining
+            running.add(slot)
+        elif running:
+            slot = sorted(running)[k % len(running)]
+            t.release(slot, None)
+            running.discard(slot)

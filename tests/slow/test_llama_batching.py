@@ -193,3 +193,30 @@ def test_a_full_kv_cache_preempts_and_recomputes_without_losing_text(default_mod
             assert agree(text(together[rid + 10]), solo) >= 40
     finally:
         small.close()
+
+
+def test_a_step_lists_its_tokens_in_slot_order_whatever_the_admission_order(default_model: Path) -> None:
+    # With per-sequence KV caches llama.cpp computes a batch in micro-batches of consecutive
+    # sequence ids in the order listed, each a pass over the weights: listing the step in
+    # admission order would make one pass per sequence here.
+    b = make(default_model)
+    try:
+        # Wave 1 lands in slots 0..3; slot 3 finishes first, slot 0 last.
+        first = run(b, [chat(1200 + i, PROMPTS[i], system=SYSTEM, max_tokens=12 - 3 * i) for i in range(4)])
+        assert all(first[1200 + i][-1].finish_reason == "length" for i in range(4))
+        # Wave 2 reuses the system prompt: admitted A, B, C, D, they take slots 3, 2, 1, 0.
+        for i in range(4):
+            b.submit(chat(1300 + i, PROMPTS[3 - i], system=SYSTEM, max_tokens=6, ignore_eos=True))
+        steps = 0
+        while b.has_work():
+            b.step()
+            if steps == 0:
+                assert [s.slot for s in b._running] == [3, 2, 1, 0]  # admission order
+            steps += 1
+            batch = b._batch
+            assert batch is not None
+            ids = [batch.seq_id[i][0] for i in range(batch.n_tokens)]
+            assert ids == sorted(ids)
+        assert steps == 6
+    finally:
+        b.close()
