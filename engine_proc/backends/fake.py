@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import array
 import os
-from collections import deque
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from engine_proc.backends.base import Backend, ModelInfo, RequestRejected

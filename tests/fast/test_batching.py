@@ -5,7 +5,13 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine_proc.backends.batching import Placement, SlotTable, common_prefix, share_budget, slot_runs
+from engine_proc.backends.batching import (
+    Placement,
+    SlotTable,
+    common_prefix,
+    share_budget,
+    slot_runs,
+)
 
 
 @given(st.lists(st.integers(0, 3), max_size=300), st.lists(st.integers(0, 3), max_size=300))
