@@ -44,6 +44,12 @@ class Metrics:
         self.engine_waiting = Gauge(
             "axs_engine_waiting_sequences", "Sequences accepted by the engine, not started", ["model"], registry=r
         )
+        self.engine_preemptions = Gauge(
+            "axs_engine_preemptions",
+            "Sequences preempted because the KV cache was full (recomputed later), since the engine started",
+            ["model"],
+            registry=r,
+        )
         self.engine_restarts = Counter(
             "axs_engine_restarts", "Engine process restarts", ["model"], registry=r
         )

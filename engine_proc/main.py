@@ -123,7 +123,9 @@ class EngineLoop:
             return
         self._next_stats = now + STATS_INTERVAL_S
         running, waiting = self.backend.occupancy()
-        stats = records.Stats(running, waiting, self.steps, self.tokens, self.merged_steps)
+        stats = records.Stats(
+            running, waiting, self.steps, self.tokens, self.merged_steps, self.backend.preemptions
+        )
         self.channel.try_send(records.encode(stats))
 
     def run_once(self) -> None:

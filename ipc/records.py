@@ -135,6 +135,7 @@ class Stats(msgspec.Struct, tag=14, **_STRUCT):
     steps: int  # backend steps since start
     tokens: int  # tokens generated since start
     merged_steps: int  # steps whose deltas waited for room in a full event ring
+    preemptions: int = 0  # sequences preempted (KV cache full) and recomputed later
 
 
 ToEngine = Union[Submit, Abort, Shutdown, Blob]

@@ -128,6 +128,7 @@ class EngineSupervisor:
             "steps": stats.steps if stats else 0,
             "tokens": stats.tokens if stats else 0,
             "merged_steps": stats.merged_steps if stats else 0,
+            "preemptions": stats.preemptions if stats else 0,
             "safety_drains": conn.safety_drains if conn is not None else 0,
         }
 

@@ -75,6 +75,7 @@ async def metrics(request: Request) -> Response:
         snap = entry.supervisor.snapshot()
         m.engine_running.labels(entry.id).set(snap["running"])  # type: ignore[arg-type]
         m.engine_waiting.labels(entry.id).set(snap["waiting"])  # type: ignore[arg-type]
+        m.engine_preemptions.labels(entry.id).set(snap["preemptions"])  # type: ignore[arg-type]
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
 

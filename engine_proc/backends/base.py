@@ -82,6 +82,10 @@ class Backend(abc.ABC):
     def has_work(self) -> bool:
         """True while any request is waiting or running."""
 
+    #: Sequences preempted since load because the KV cache was full (their tokens are
+    #: recomputed when they run again). Backends without a bounded cache leave it at 0.
+    preemptions: int = 0
+
     def occupancy(self) -> tuple[int, int]:
         """(running, waiting) sequences, for the engine's stats."""
         return (1 if self.has_work() else 0), 0

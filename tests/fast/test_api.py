@@ -148,6 +148,7 @@ def test_metrics_open_and_counting(client: TestClient) -> None:
     assert 'axs_requests_total{endpoint="chat",model="default",status="200"}' in text
     assert "axs_time_to_first_token_seconds_bucket" in text
     assert 'axs_engine_up{model="default"} 1.0' in text
+    assert 'axs_engine_preemptions{model="default"} 0.0' in text
 
 
 # ---- bad input --------------------------------------------------------------------------------

@@ -78,3 +78,11 @@ def test_shutdown_stops_the_loop(loop: tuple[FrontEnd, EngineLoop]) -> None:
     assert front.try_send(records.Shutdown())
     engine.run_once()
     assert not engine.running
+
+
+def test_stats_carry_the_backends_preemptions(loop: tuple[FrontEnd, EngineLoop]) -> None:
+    front, engine = loop
+    engine.backend.preemptions = 3  # what a backend with a full KV cache would have counted
+    engine.run_once()
+    stats = [rec for rec in front.drain() if isinstance(rec, records.Stats)]
+    assert stats and stats[-1].preemptions == 3
