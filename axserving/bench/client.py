@@ -12,6 +12,7 @@ without ``[DONE]`` or without a finish_reason, or (with ``ignore_eos``) before `
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ async def send(client: httpx.AsyncClient, call: Call, index: int, body: dict[str
     """Send one request and return its classified :class:`Outcome` (never raises for the
     server's faults: every failure is an outcome)."""
     payload = orjson.dumps(body)
+    if body.get("max_tokens", call.max_tokens) != call.max_tokens:
+        call = dataclasses.replace(call, max_tokens=body["max_tokens"])  # judged by its own limit
     t0 = time.perf_counter()
     try:
         if call.stream:

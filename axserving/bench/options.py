@@ -39,6 +39,7 @@ class BenchConfig:
     rounds: int
     prompt_words: int
     max_tokens: int
+    max_tokens_spread: float  # 0: every request asks max_tokens; r: drawn in [max_tokens*(1-r), max_tokens]
     ignore_eos: bool
     eos_token_ids: tuple[int, ...]
     stream: bool
@@ -92,6 +93,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-words", type=int, default=64, help="words of generated prompt text per request (default 64)")
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default 128)")
     p.add_argument(
+        "--max-tokens-spread", type=float, default=0.0, metavar="R",
+        help="draw each request's max_tokens uniformly from [max_tokens x (1 - R), max_tokens], the same "
+        "per request index on every server, so streams finish at different times and new requests "
+        "join a running batch (default 0: all alike)",
+    )
+    p.add_argument(
         "--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
         help="send ignore_eos (the vLLM extension) so every request runs to max_tokens (default on); "
         "a stream that stops short is then counted as truncated",
@@ -119,6 +126,8 @@ def config_from_args(args: argparse.Namespace, env_api_key: str | None = None) -
     ):
         if value is not None and value < low:
             raise ValueError(f"{flag} = {value}: must be >= {low}")
+    if not 0.0 <= args.max_tokens_spread < 1.0:
+        raise ValueError(f"--max-tokens-spread = {args.max_tokens_spread}: must be in [0, 1)")
     if args.duration is not None and args.duration <= 0:
         raise ValueError(f"--duration = {args.duration}: must be > 0")
     if args.timeout <= 0:
@@ -136,6 +145,7 @@ def config_from_args(args: argparse.Namespace, env_api_key: str | None = None) -
         rounds=args.rounds,
         prompt_words=args.prompt_words,
         max_tokens=args.max_tokens,
+        max_tokens_spread=args.max_tokens_spread,
         ignore_eos=args.ignore_eos,
         eos_token_ids=tuple(args.eos_token_id),
         stream=args.stream,

@@ -33,12 +33,21 @@ def prompt_text(index: int, words: int) -> str:
     return f"Request {index}. Continue this story: {body}"
 
 
+def max_tokens_for(cfg: BenchConfig, index: int) -> int:
+    """Request ``index``'s max_tokens: ``cfg.max_tokens``, or with a spread a uniform draw from
+    [max_tokens x (1 - spread), max_tokens] seeded by the index (the same on every server)."""
+    if cfg.max_tokens_spread <= 0:
+        return cfg.max_tokens
+    low = max(1, round(cfg.max_tokens * (1 - cfg.max_tokens_spread)))
+    return random.Random(f"max_tokens/{index}").randint(low, cfg.max_tokens)
+
+
 def request_body(cfg: BenchConfig, target: Target, index: int) -> dict[str, Any]:
     """The JSON body for request ``index`` against ``target``."""
     text = prompt_text(index, cfg.prompt_words)
     body: dict[str, Any] = {
         "model": target.model,
-        "max_tokens": cfg.max_tokens,
+        "max_tokens": max_tokens_for(cfg, index),
         "temperature": cfg.temperature,
         "stream": cfg.stream,
     }

@@ -18,7 +18,7 @@ from axserving.bench.client import Call, Kind, send
 from axserving.bench.options import BenchConfig, Endpoint, Target
 from axserving.bench.report import LevelSummary, percentile
 from axserving.bench.serving import main, run_sync
-from axserving.bench.workload import prompt_text
+from axserving.bench.workload import max_tokens_for, prompt_text, request_body
 from axserving.cli import build_parser
 from tests.server import run_server
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExce
 def config(*targets: Target, **kw: object) -> BenchConfig:
     base: dict[str, object] = dict(
         targets=targets, concurrency=(1, 4), num_requests=None, duration_s=None, rounds=1, prompt_words=40,
-        max_tokens=16, ignore_eos=True, eos_token_ids=(), stream=True, endpoint=Endpoint.chat, temperature=0.0,
+        max_tokens=16, max_tokens_spread=0.0, ignore_eos=True, eos_token_ids=(), stream=True, endpoint=Endpoint.chat, temperature=0.0,
         warmup=1, timeout_s=30.0, json_path=None, quiet=True,
     )
     base.update(kw)
@@ -41,6 +41,16 @@ def test_prompts_are_distinct_and_about_the_asked_length() -> None:
     assert len(set(prompts)) == 200
     assert all(60 <= len(p.split()) <= 68 for p in prompts)
     assert prompt_text(7, 64) == prompt_text(7, 64)  # the same workload on every server
+
+
+def test_max_tokens_spread_is_drawn_per_request_in_range_and_repeatable() -> None:
+    t = Target("ours", "http://127.0.0.1:1", "default", None)
+    assert {max_tokens_for(config(t, max_tokens=128), i) for i in range(50)} == {128}
+    cfg = config(t, max_tokens=128, max_tokens_spread=0.5)
+    drawn = [max_tokens_for(cfg, i) for i in range(400)]
+    assert min(drawn) >= 64 and max(drawn) <= 128 and len(set(drawn)) > 30
+    assert drawn == [max_tokens_for(cfg, i) for i in range(400)]  # the same on every server
+    assert request_body(cfg, t, 3)["max_tokens"] == drawn[3]
 
 
 def test_percentile_interpolates() -> None:
@@ -71,6 +81,11 @@ def test_against_real_server_on_fake_backend(tmp_path: Path) -> None:
         # The fake backend echoes the prompt word by word: 40 words, so it reaches max_tokens=16.
         streamed = run_sync(config(target))
         whole = run_sync(config(target, stream=False, concurrency=(2,), num_requests=4, warmup=0))
+        spread = run_sync(config(target, concurrency=(4,), num_requests=12, max_tokens_spread=0.75))
+    (s,) = spread.summaries
+    # Each request is judged against its own max_tokens: none is "truncated" for stopping early.
+    assert s.ok == 12 and s.truncated == 0
+    assert s.output_tokens == sum(max_tokens_for(spread.config, i) for i in range(12))
     assert [s.concurrency for s in streamed.summaries] == [1, 4]
     for s in streamed.summaries:
         _check_level(s, max(8, 4 * s.concurrency), streamed=True)
