@@ -124,7 +124,7 @@ class SlotTable:
 
     def _new_runs(self, slot: int) -> int:
         """How many runs of running slots starting a request in ``slot`` adds (1, 0 or -1)."""
-        return 1 - (slot - 1 in self._running) - (slot + 1 in self._running)
+        return slot_runs(self._running | {slot}) - slot_runs(self._running)
 
     def _free_slot(self) -> int:
         """An empty slot, else the least recently used idle entry's; of either, one that joins
