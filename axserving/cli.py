@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ctx-size", type=int, help="context length in tokens (default: 4096)")
     run.add_argument("--max-batch", type=int, help="sequences generated together per engine step (default: 8)")
     run.add_argument(
+        "--batch-size", type=int,
+        help="tokens per engine step: running streams' next tokens, then prompt chunks (default: 512)",
+    )
+    run.add_argument(
         "--backend-option", action="append", type=_backend_option, default=[], metavar="KEY=VALUE",
         help="backend-specific option (repeatable)",
     )
@@ -71,6 +75,7 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "model.threads": args.threads,
         "model.ctx_size": args.ctx_size,
         "model.max_batch": args.max_batch,
+        "model.batch_size": args.batch_size,
     }
     if args.backend_option:
         overrides["model.backend_options"] = dict(args.backend_option)

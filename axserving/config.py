@@ -119,6 +119,7 @@ ENV_KEYS: dict[str, str] = {
     "AXS_THREADS": "model.threads",
     "AXS_CTX_SIZE": "model.ctx_size",
     "AXS_MAX_BATCH": "model.max_batch",
+    "AXS_BATCH_SIZE": "model.batch_size",
     "AXS_KV_UNIFIED": "model.kv_unified",
     "AXS_SCHED_MAX_INFLIGHT": "scheduler.max_inflight",
     "AXS_SCHED_MAX_QUEUE": "scheduler.max_queue",

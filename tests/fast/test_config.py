@@ -59,3 +59,13 @@ def test_unknown_key_and_bad_yaml(tmp_path: Path) -> None:
         load_settings(env={}, config_path=str(cfg))
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(env={}, config_path=str(tmp_path / "missing.yaml"))
+
+
+def test_step_budget_from_env_and_cli() -> None:
+    from axserving.cli import _cli_overrides, build_parser
+
+    assert load_settings(env={"AXS_BATCH_SIZE": "128"}).model.batch_size == 128
+    args = build_parser().parse_args(["run", "--batch-size", "64"])
+    assert load_settings(_cli_overrides(args), env={"AXS_BATCH_SIZE": "128"}).model.batch_size == 64
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_settings(env={"AXS_BATCH_SIZE": "0"})
