@@ -107,6 +107,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--engine-nice", type=int,
+        help="the server's engine.nice (default: the configured 10); the in-process paths run at this "
+        "process's niceness",
+    )
     args = ap.parse_args()
     model = args.model or model_store.ensure(model_store.DEFAULT_MODEL, model_store.cache_dir("~/.cache/axserving/models"))
 
@@ -120,6 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, run_server(
         Path(tmp), "--model", str(model), "--threads", str(args.threads), "--ctx-size", "2048",
         api_key="perf-key", ready_timeout=180,
+        env={} if args.engine_nice is None else {"AXS_ENGINE_NICE": str(args.engine_nice)},
     ) as server:
         # One client for all rounds: a new httpx client costs ~20 ms (it loads the CA bundle).
         client = httpx.Client()
@@ -139,7 +145,9 @@ def main() -> None:
     engine.close()
 
     med = {k: (statistics.median(t for t, _ in v), statistics.median(r for _, r in v)) for k, v in results.items()}
-    print(f"model {model.name}, threads {args.threads}, {args.tokens} tokens, {args.rounds} rounds (medians)")
+    nice = "configured" if args.engine_nice is None else args.engine_nice
+    print(f"model {model.name}, threads {args.threads}, {args.tokens} tokens, {args.rounds} rounds (medians), "
+          f"server engine nice {nice}")
     print(f"{'path':<12}{'TTFT ms':>10}{'decode tok/s':>15}")
     for k, (ttft, rate) in med.items():
         print(f"{k:<12}{ttft * 1000:>10.1f}{rate:>15.1f}")
