@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -22,6 +21,7 @@ from axserving.engine.stream import Chunk, RequestStream
 from axserving.errors import APIError, RateLimited
 from axserving.registry import ModelEntry
 from axserving.responses import ChatShape, CompletionShape
+from axserving.sse import EventStreamResponse
 from axserving.state import AppState, json_response
 from ipc.records import Submit
 
@@ -137,9 +137,7 @@ async def generate(request: Request, state: AppState, job: Job) -> Response:
         headers = {"X-Ax-Stage-Timing": f"queue_wait_us={queue_wait_us}"}
         if job.stream:
             handed_off = True
-            return EventSourceResponse(
-                _sse(job, stream, first, outcome), headers=headers, sep="\n", ping=15
-            )
+            return EventStreamResponse(_sse(job, stream, first, outcome), headers=headers)
         text = await until_disconnect(request, _collect(stream, first, outcome))
         body = job.shape.complete(
             text, outcome.finish, outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens

@@ -44,6 +44,10 @@ class RequestStream:
         self._wake = asyncio.Event()
         self.created = time.monotonic()
         self.first_token_at: float | None = None
+        # One timer for the whole request, not one per wait: ``next`` runs once per token.
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            max(deadline - self.created, 0.0), self._expire
+        )
 
     # ---- producer side (the engine connection) -----------------------------------------------
 
@@ -63,6 +67,7 @@ class RequestStream:
         if delta.finish_reason is not None:
             self._finish = delta.finish_reason
             self._done = True
+            self._stop_timer()
         self._wake.set()
 
     def fail(self, error: APIError) -> None:
@@ -70,7 +75,24 @@ class RequestStream:
             return
         self._error = error
         self._done = True
+        self._stop_timer()
         self._wake.set()
+
+    def _expire(self) -> None:
+        """The deadline passed with the engine not finished: abort it there, and end the stream
+        with :class:`RequestTimeout` once the output already received has been taken."""
+        self._timer = None
+        if self._done:
+            return
+        self._done = True
+        self._error = RequestTimeout("the request took longer than the server's request timeout")
+        self._on_cancel(self.rid)
+        self._wake.set()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # ---- consumer side (the route) -----------------------------------------------------------
 
@@ -89,13 +111,7 @@ class RequestStream:
             if self._delivered:
                 return None
             self._wake.clear()
-            remaining = self.deadline - time.monotonic()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(remaining, 0))
-            except TimeoutError:
-                self.cancel()
-                self._delivered = True
-                raise RequestTimeout("the request took longer than the server's request timeout") from None
+            await self._wake.wait()
 
     def _take(self) -> Chunk:
         chunk = Chunk(
@@ -115,6 +131,7 @@ class RequestStream:
     def cancel(self) -> None:
         """The client went away or gave up: free the engine's slot. Idempotent."""
         self._delivered = True
+        self._stop_timer()
         if not self._done:
             self._done = True
             self._on_cancel(self.rid)

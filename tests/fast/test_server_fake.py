@@ -118,6 +118,24 @@ def test_client_disconnect_aborts_generation(tmp_path: Path) -> None:
         assert 'status="499"' in metrics
 
 
+def test_client_leaving_an_idle_stream_is_seen_at_once(tmp_path: Path) -> None:
+    """Granian does not fail a send to a closed connection, so a stream waiting for its next
+    token must notice the client leaving by itself, not at the next token (2 s away here)."""
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=2000") as server:
+        with httpx.stream(
+            "POST", server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
+            json={"model": "default", "stream": True, "messages": [{"role": "user", "content": "a b c d e"}]},
+        ) as r:
+            for line in r.iter_lines():
+                if '"content":"a' in line:
+                    break
+        left = time.monotonic()
+        while httpx.get(server.v1 + "/admin/status", headers=server.headers()).json()["inflight"] != 0:
+            assert time.monotonic() - left < 1.0, "the stream kept waiting for a client that had left"
+            time.sleep(0.02)
+        assert 'status="499"' in httpx.get(server.url + "/metrics").text
+
+
 def test_sigterm_and_sigint_leave_nothing(tmp_path: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         before = shm_names()
