@@ -114,7 +114,10 @@ def run_server(
     env: dict[str, str] | None = None,
     ready_timeout: float = 60,
     wait_ready: bool = True,
+    cwd: Path = REPO,
 ) -> Iterator[Server]:
+    """``cwd`` is the checkout to serve (``python -m axserving.cli`` imports from it): another
+    revision's worktree for a side-by-side measurement."""
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AXS_")}
@@ -129,7 +132,7 @@ def run_server(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [*AXSERVING, "run", "--host", "127.0.0.1", "--port", str(port), *args],
-            stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True,
         )
     server = Server(f"http://127.0.0.1:{port}", proc, log_path, api_key)
     try:
