@@ -164,6 +164,15 @@ def main() -> None:
     s, e, l = med["server"], med["engine"], med["llama_cpp"]
     print(f"server vs engine:    TTFT +{(s[0] - e[0]) * 1000:.1f} ms, decode x{s[1] / e[1]:.3f}")
     print(f"server vs llama_cpp: TTFT x{s[0] / l[0]:.3f}, decode x{s[1] / l[1]:.3f}")
+    # Paired per round (the two paths ran seconds apart, so slow drifts of the machine cancel):
+    # the median and quartiles of the round-by-round differences.
+    pairs = list(zip(results["server"], results["engine"], strict=True))
+    ttft_diff = [(sv[0] - en[0]) * 1000 for sv, en in pairs]
+    ratio = [sv[1] / en[1] for sv, en in pairs]
+    if len(pairs) >= 4:
+        tq, rq = statistics.quantiles(ttft_diff, n=4), statistics.quantiles(ratio, n=4)
+        print(f"paired by round:     TTFT {tq[1]:+.1f} ms (quartiles {tq[0]:+.1f}, {tq[2]:+.1f}), "
+              f"decode x{rq[1]:.3f} (quartiles {rq[0]:.3f}, {rq[2]:.3f})")
 
 
 if __name__ == "__main__":
