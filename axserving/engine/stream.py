@@ -29,9 +29,9 @@ class Chunk:
 
 class RequestStream:
     def __init__(self, rid: int, on_cancel: Callable[[int], None], deadline: float) -> None:
+        """``deadline`` (``time.monotonic()``): past it the request is aborted (RequestTimeout)."""
         self.rid = rid
         self._on_cancel = on_cancel
-        self.deadline = deadline  # time.monotonic() after which the request is abandoned
         self._parts: list[str] = []
         self._n_tokens = 0
         self._finish: str | None = None
