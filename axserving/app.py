@@ -15,14 +15,16 @@ from starlette.responses import Response
 
 from axserving.auth import BearerAuthMiddleware
 from axserving.config import Settings, from_json
-from axserving.engine.supervisor import EngineState, EngineSupervisor
+from axserving.engine.client import EngineClient, EngineState, StateListener
+from axserving.engine.supervisor import EngineSupervisor
 from axserving.errors import APIError, MethodNotAllowed, NotFound, ServiceUnavailable
 from axserving.logs import setup_logging
+from axserving.metrics import Metrics
 from axserving.middleware import ResponseHeadersMiddleware
-from axserving.registry import ModelEntry
+from axserving.models.manager import ClientFactory, ModelManager
+from axserving.models.spec import ModelSpec
 from axserving.routes import routes
 from axserving.state import AppState, json_response
-from engine_proc.backends.base import BackendConfig
 from ipc.ring import sweep_orphans
 
 log = logging.getLogger("axserving")
@@ -53,48 +55,42 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return _render(APIError("The server had an error while processing your request."))
 
 
-def _backend_config(settings: Settings) -> BackendConfig:
-    m = settings.model
-    assert m.path is not None, "the CLI resolves the model path before the app starts"
-    return BackendConfig(
-        model_path=m.path,
-        n_ctx=m.ctx_size,
-        n_threads=m.threads,
-        n_batch=m.batch_size,
-        max_batch=m.max_batch,
-        kv_unified=m.kv_unified,
-        options=tuple(sorted(m.backend_options.items())),
-    )
+def engine_processes(settings: Settings) -> ClientFactory:
+    """The real engine client: a supervised engine process per model (or per reload)."""
+
+    def make(spec: ModelSpec, on_event: StateListener) -> EngineClient:
+        return EngineSupervisor(
+            spec.id, spec.backend, spec.engine, settings.engine,
+            log_level=settings.logging.level.value, on_event=on_event,
+        )
+
+    return make
 
 
-def create_app(settings: Settings) -> Starlette:
-    state = AppState(settings=settings)
+def create_app(settings: Settings, engines: ClientFactory | None = None) -> Starlette:
+    """``engines`` makes each model's engine client (default: engine processes)."""
+    metrics = Metrics()
 
     def on_engine_event(model_id: str, engine_state: EngineState) -> None:
         if engine_state is EngineState.restarting:
-            state.metrics.engine_restarts.labels(model_id).inc()
+            metrics.engine_restarts.labels(model_id).inc()
+
+    manager = ModelManager(settings, engines or engine_processes(settings), on_event=on_engine_event)
+    state = AppState(settings=settings, models=manager, metrics=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         removed = sweep_orphans()
         if removed:
             log.warning("removed %d shared-memory names left by dead processes", len(removed))
-        m = settings.model
-        supervisor = EngineSupervisor(
-            m.id, m.backend.value, _backend_config(settings), settings.engine,
-            log_level=settings.logging.level.value, on_event=on_engine_event,
-        )
-        state.registry.add(ModelEntry(m.id, m.path or "", m.backend.value, supervisor))
-        supervisor.start()
-        log.info("axserving front pid %d: serving model %r (%s)", os.getpid(), m.id, m.backend.value)
         try:
+            await manager.start()
+            names = ", ".join(f"{m.id} ({m.spec.backend})" for m in manager)
+            log.info("axserving front pid %d: serving %s", os.getpid(), names or "no model yet")
             yield
         finally:
             state.shutting_down = True
-            for entry in state.registry:
-                entry.supervisor.stopping()
-            for entry in state.registry:
-                await entry.supervisor.stop()
+            await manager.close()
             log.info("all engines stopped")
 
     app = Starlette(

@@ -6,15 +6,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from axserving import __version__, model_store
 from axserving.bench import options as bench_options
-from axserving.config import BackendName, ConfigError, Settings, load_settings, to_json
+from axserving.config import AUTO_BACKEND, ConfigError, Settings, load_settings, parse_size, to_json
+from axserving.errors import APIError
 from axserving.logs import setup_logging
+from axserving.models import memory
+from axserving.models.spec import ModelSpec, resolve
+from engine_proc.spec import BACKENDS
 
 EXIT_USAGE = 2
 
@@ -32,9 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="serve a model over an OpenAI-compatible HTTP API")
-    run.add_argument("--model", help="path to a model file (default: the packaged SmolLM2-135M-Instruct)")
-    run.add_argument("--model-id", help="id clients use in 'model' (default: default)")
-    run.add_argument("--backend", choices=[b.value for b in BackendName], help="engine backend (default: llama_cpp)")
+    run.add_argument(
+        "--model", help="serve this model file alone, instead of the configured 'models' "
+        "(default: the packaged SmolLM2-135M-Instruct)",
+    )
+    run.add_argument("--model-id", help="id clients use in 'model' for --model (default: default)")
+    run.add_argument(
+        "--backend", choices=[AUTO_BACKEND, *BACKENDS],
+        help="engine backend for every model that names none (default: auto, by the model's architecture)",
+    )
     run.add_argument("--host", help="address to bind (default: 127.0.0.1)")
     run.add_argument("--port", type=int, help="port to bind (default: 18080; 0 is not allowed here)")
     run.add_argument("--config", help="YAML settings file (default: $AXS_CONFIG, then config/serving.yaml)")
@@ -69,16 +76,16 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {
         "model.path": args.model,
         "model.id": args.model_id,
-        "model.backend": args.backend,
+        "model_defaults.backend": args.backend,
         "rest.host": args.host,
         "rest.port": args.port,
-        "model.threads": args.threads,
-        "model.ctx_size": args.ctx_size,
-        "model.max_batch": args.max_batch,
-        "model.batch_size": args.batch_size,
+        "model_defaults.threads": args.threads,
+        "model_defaults.ctx_size": args.ctx_size,
+        "model_defaults.max_batch": args.max_batch,
+        "model_defaults.batch_size": args.batch_size,
     }
     if args.backend_option:
-        overrides["model.backend_options"] = dict(args.backend_option)
+        overrides["model_defaults.backend_options"] = dict(args.backend_option)
     return overrides
 
 
@@ -87,20 +94,25 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def resolve_model(settings: Settings) -> Settings:
-    """Fill in the model path: the given file, or the packaged default (fetched once)."""
-    m = settings.model
-    if m.path is None:
-        if m.backend is BackendName.fake:
-            path = "fake://echo"
-        else:
-            path = str(model_store.ensure(model_store.DEFAULT_MODEL, model_store.cache_dir(settings.models.cache_dir)))
-    else:
-        p = Path(m.path).expanduser()
-        if m.backend is not BackendName.fake and not p.is_file():
-            raise ConfigError(f"model.path = {m.path!r}: no such file")
-        path = str(p.resolve()) if p.exists() else m.path
-    return msgspec.structs.replace(settings, model=msgspec.structs.replace(m, path=path))
+def check_models(settings: Settings) -> list[ModelSpec]:
+    """Resolve every configured model (fetching the packaged default once) and check that they
+    fit the memory budget together, before the server starts."""
+    specs = []
+    for i, entry in enumerate(settings.models):
+        try:
+            specs.append(resolve(entry, settings.model_defaults, settings.model_store.cache_dir))
+        except APIError as e:
+            raise ConfigError(f"models.{i} ({entry.id}): {e.message}") from e
+    raw = settings.lifecycle.max_memory_bytes
+    budget = memory.default_budget() if raw is None else parse_size(raw, "lifecycle.max_memory_bytes")
+    need = sum(s.memory_bytes for s in specs)
+    if need > budget:
+        sizes = ", ".join(f"{s.id} {memory.fmt(s.memory_bytes)}" for s in specs)
+        raise ConfigError(
+            f"the configured models need about {memory.fmt(need)} ({sizes}), more than the memory budget "
+            f"of {memory.fmt(budget)} (lifecycle.max_memory_bytes, AXS_MAX_MEMORY_BYTES)"
+        )
+    return specs
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -117,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail("rest.port = 0: choose a port explicitly")
     setup_logging(settings.logging)
     try:
-        settings = resolve_model(settings)
+        check_models(settings)
     except (ConfigError, model_store.ModelFetchError) as e:
         return _fail(str(e))
 
@@ -149,7 +161,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return _fail(str(e))
     setup_logging(settings.logging)
-    directory = model_store.cache_dir(settings.models.cache_dir)
+    directory = model_store.cache_dir(settings.model_store.cache_dir)
     try:
         path = model_store.ensure(model_store.DEFAULT_MODEL, directory)
     except model_store.ModelFetchError as e:

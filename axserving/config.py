@@ -27,11 +27,6 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = PACKAGE_ROOT / "config" / "serving.yaml"
 
 
-class BackendName(str, enum.Enum):
-    llama_cpp = "llama_cpp"
-    fake = "fake"
-
-
 class LogFormat(str, enum.Enum):
     text = "text"
     json = "json"
@@ -53,16 +48,63 @@ class RestSettings(msgspec.Struct, **_STRICT):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 << 20
 
 
-class ModelSettings(msgspec.Struct, **_STRICT):
-    path: str | None = None  # None: the packaged default model
-    id: ModelId = "default"
-    backend: BackendName = BackendName.llama_cpp
+AUTO_BACKEND = "auto"  # picked by the model: GGUF architecture (config/backends.yaml), MLX directory
+
+
+class SamplingDefaults(msgspec.Struct, **_STRICT):
+    """A model's defaults for what a request leaves out (a request's own values win)."""
+
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    top_k: NonNegative | None = None  # 0: off
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=10)] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=32768)] | None = None
+
+
+CtxSize = Annotated[int, msgspec.Meta(ge=64, le=1 << 20)]
+BatchSize = Annotated[int, msgspec.Meta(ge=1, le=65536)]
+MaxBatch = Annotated[int, msgspec.Meta(ge=1, le=256)]
+MemorySize = int | str  # bytes, or "8GiB", "512MB", ...
+
+
+class ModelDefaults(msgspec.Struct, **_STRICT):
+    """Per-model settings every model inherits unless its entry sets its own."""
+
+    backend: str = AUTO_BACKEND
     threads: NonNegative = 0  # 0: all cores
-    ctx_size: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 4096
-    batch_size: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 512
-    max_batch: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    ctx_size: CtxSize = 4096
+    batch_size: BatchSize = 512
+    max_batch: MaxBatch = 8
     kv_unified: bool = False
     backend_options: dict[str, str] = {}
+    idle_timeout_secs: NonNegative = 0  # 0: never unloaded for idleness
+
+
+class ModelConfig(msgspec.Struct, **_STRICT):
+    """One model to serve: an entry of ``models:``, or the body of ``POST /v1/models``."""
+
+    id: ModelId
+    path: str | None = None  # None: the packaged default model
+    backend: str | None = None
+    aliases: tuple[ModelId, ...] = ()
+    pinned: bool = False  # never evicted (idle, LRU or memory)
+    threads: NonNegative | None = None
+    ctx_size: CtxSize | None = None
+    batch_size: BatchSize | None = None
+    max_batch: MaxBatch | None = None
+    kv_unified: bool | None = None
+    backend_options: dict[str, str] | None = None
+    idle_timeout_secs: NonNegative | None = None
+    memory_bytes: MemorySize | None = None  # replaces the estimate made from the file
+    sampling: SamplingDefaults = SamplingDefaults()
+
+
+class LifecycleSettings(msgspec.Struct, **_STRICT):
+    max_loaded_models: Positive = 16
+    max_memory_bytes: MemorySize | None = None  # None: 75% of the machine's RAM
+    allowed_dirs: tuple[str, ...] = ()  # runtime loads only from under these (empty: anywhere)
+    drain_timeout_secs: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
 
 class SchedulerSettings(msgspec.Struct, **_STRICT):
@@ -99,12 +141,15 @@ class ModelStoreSettings(msgspec.Struct, **_STRICT):
 
 class Settings(msgspec.Struct, **_STRICT):
     rest: RestSettings = RestSettings()
-    model: ModelSettings = ModelSettings()
+    models: tuple[ModelConfig, ...] = (ModelConfig(id="default"),)
+    default_model: ModelId | None = None  # None: the first of `models`
+    model_defaults: ModelDefaults = ModelDefaults()
+    lifecycle: LifecycleSettings = LifecycleSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     engine: EngineSettings = EngineSettings()
     auth: AuthSettings = AuthSettings()
     logging: LogSettings = LogSettings()
-    models: ModelStoreSettings = ModelStoreSettings()
+    model_store: ModelStoreSettings = ModelStoreSettings()
     # Secrets come from the environment only (AXS_API_KEY), never from a file or a flag.
     api_keys: tuple[str, ...] = ()
 
@@ -115,12 +160,18 @@ ENV_KEYS: dict[str, str] = {
     "AXS_REST_PORT": "rest.port",
     "AXS_MODEL_PATH": "model.path",
     "AXS_MODEL_ID": "model.id",
-    "AXS_BACKEND": "model.backend",
-    "AXS_THREADS": "model.threads",
-    "AXS_CTX_SIZE": "model.ctx_size",
-    "AXS_MAX_BATCH": "model.max_batch",
-    "AXS_BATCH_SIZE": "model.batch_size",
-    "AXS_KV_UNIFIED": "model.kv_unified",
+    "AXS_DEFAULT_MODEL": "default_model",
+    "AXS_BACKEND": "model_defaults.backend",
+    "AXS_THREADS": "model_defaults.threads",
+    "AXS_CTX_SIZE": "model_defaults.ctx_size",
+    "AXS_MAX_BATCH": "model_defaults.max_batch",
+    "AXS_BATCH_SIZE": "model_defaults.batch_size",
+    "AXS_KV_UNIFIED": "model_defaults.kv_unified",
+    "AXS_IDLE_TIMEOUT_SECS": "model_defaults.idle_timeout_secs",
+    "AXS_MAX_LOADED_MODELS": "lifecycle.max_loaded_models",
+    "AXS_MAX_MEMORY_BYTES": "lifecycle.max_memory_bytes",
+    "AXS_MODEL_ALLOWED_DIRS": "lifecycle.allowed_dirs",
+    "AXS_DRAIN_TIMEOUT_SECS": "lifecycle.drain_timeout_secs",
     "AXS_SCHED_MAX_INFLIGHT": "scheduler.max_inflight",
     "AXS_SCHED_MAX_QUEUE": "scheduler.max_queue",
     "AXS_SCHED_MAX_WAIT_MS": "scheduler.max_wait_ms",
@@ -133,7 +184,7 @@ ENV_KEYS: dict[str, str] = {
     "AXS_ALLOW_NO_AUTH": "auth.allow_no_auth",
     "AXS_LOG": "logging.level",
     "AXS_LOG_FORMAT": "logging.format",
-    "AXS_MODEL_CACHE": "models.cache_dir",
+    "AXS_MODEL_CACHE": "model_store.cache_dir",
 }
 
 
@@ -154,7 +205,7 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def _get(tree: Mapping[str, Any], dotted: str) -> Any:
     node: Any = tree
     for p in dotted.split("."):
-        node = node[p]
+        node = node[int(p)] if isinstance(node, list) else node[p]
     return node
 
 
@@ -162,7 +213,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and key != "model.backend_options":
+        if isinstance(v, Mapping) and key != "model_defaults.backend_options":
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
@@ -216,7 +267,13 @@ def load_settings(
     for name, key in ENV_KEYS.items():
         if name in env:
             raw = env[name]
-            _set(tree, key, _parse_bool(raw) if key == "auth.allow_no_auth" else raw)
+            if key == "auth.allow_no_auth":
+                value: Any = _parse_bool(raw)
+            elif key == "lifecycle.allowed_dirs":
+                value = [d.strip() for d in raw.split(",") if d.strip()]
+            else:
+                value = raw
+            _set(tree, key, value)
             source[key] = f"${name}"
     keys = [k.strip() for k in env.get("AXS_API_KEY", "").split(",") if k.strip()]
     tree["api_keys"] = keys
@@ -226,10 +283,88 @@ def load_settings(
             _set(tree, key, value)
             source[key] = "command line"
 
+    _one_model_shorthand(tree, source)
     try:
-        return msgspec.convert(tree, Settings, strict=False)
+        settings = msgspec.convert(tree, Settings, strict=False)
     except msgspec.ValidationError as e:
         raise ConfigError(_explain(e, tree, source)) from e
+    check(settings, source)
+    return settings
+
+
+def _one_model_shorthand(tree: dict[str, Any], source: dict[str, str]) -> None:
+    """``--model``/``--model-id`` (``AXS_MODEL_PATH``/``AXS_MODEL_ID``): serve that one model,
+    in place of the configured ``models`` list."""
+    shorthand = tree.pop("model", None)
+    if not shorthand:
+        return
+    if not isinstance(shorthand, dict) or set(shorthand) - {"path", "id"}:
+        raise ConfigError(
+            "invalid configuration: the 'model' section is gone: list models under 'models' "
+            "and their shared settings under 'model_defaults' (see config/serving.yaml)"
+        )
+    entry = {"id": shorthand.get("id") or "default", "path": shorthand.get("path")}
+    tree["models"] = [entry]
+    source["models"] = " and ".join(
+        sorted({source.get(f"model.{k}", "") for k in shorthand} - {""})
+    ) or "defaults"
+    for k in shorthand:
+        if f"model.{k}" in source:
+            source[f"models.0.{k}"] = source[f"model.{k}"]
+
+
+def parse_size(value: int | str, key: str) -> int:
+    """Bytes from an int or a string such as ``8GiB``, ``512 MB`` or ``1.5G``."""
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"invalid configuration: {key} = {value}: must not be negative")
+        return value
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*", value, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"invalid configuration: {key} = {value!r}: expected bytes, or a size such as '8GiB'")
+    number, unit, binary = m.groups()
+    base = 1024 if binary or not unit else 1000
+    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
+
+
+def check(settings: Settings, source: Mapping[str, str] | None = None) -> None:
+    """What a struct's types cannot say: known backends, unique names, a default that exists."""
+    from engine_proc.spec import BACKENDS
+
+    source = source or {}
+    where = f" (from {source.get('models', 'defaults')})"
+    known = [AUTO_BACKEND, *BACKENDS]
+    if settings.model_defaults.backend not in known:
+        origin = source.get("model_defaults.backend", "defaults")
+        raise ConfigError(
+            f"invalid configuration: model_defaults.backend = {settings.model_defaults.backend!r} "
+            f"(from {origin}): expected one of {', '.join(known)}"
+        )
+    names: dict[str, str] = {}
+    for i, m in enumerate(settings.models):
+        if m.backend is not None and m.backend not in known:
+            raise ConfigError(
+                f"invalid configuration: models.{i}.backend = {m.backend!r}{where}: expected one of {', '.join(known)}"
+            )
+        if m.memory_bytes is not None:
+            parse_size(m.memory_bytes, f"models.{i}.memory_bytes")
+        for name in (m.id, *m.aliases):
+            if name in names:
+                raise ConfigError(f"invalid configuration: models.{i}: the name {name!r} is already used by {names[name]!r}{where}")
+            names[name] = m.id
+    if settings.default_model is not None and settings.default_model not in names:
+        origin = source.get("default_model", "defaults")
+        raise ConfigError(
+            f"invalid configuration: default_model = {settings.default_model!r} (from {origin}): "
+            f"no model of that name (models: {', '.join(names) or 'none'})"
+        )
+    if len(settings.models) > settings.lifecycle.max_loaded_models:
+        raise ConfigError(
+            f"invalid configuration: {len(settings.models)} models are listed but "
+            f"lifecycle.max_loaded_models = {settings.lifecycle.max_loaded_models}"
+        )
+    if settings.lifecycle.max_memory_bytes is not None:
+        parse_size(settings.lifecycle.max_memory_bytes, "lifecycle.max_memory_bytes")
 
 
 def _explain(err: msgspec.ValidationError, tree: Mapping[str, Any], source: Mapping[str, str]) -> str:

@@ -64,6 +64,25 @@ class AuthenticationFailed(APIError):
         super().__init__(message, **kw)
 
 
+class Forbidden(APIError):
+    status = 403
+    type = "permission_error"
+    default_code = "forbidden"
+
+
+class Conflict(InvalidRequest):
+    status = 409
+    default_code = "conflict"
+
+
+class InsufficientMemory(APIError):
+    """The model cannot fit in the memory budget, even with every evictable model unloaded."""
+
+    status = 507
+    type = "server_error"
+    default_code = "insufficient_memory"
+
+
 class NotFound(APIError):
     status = 404
     type = "not_found_error"

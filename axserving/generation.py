@@ -19,11 +19,12 @@ from starlette.responses import Response
 
 from axserving.engine.stream import Chunk, RequestStream
 from axserving.errors import APIError, RateLimited
-from axserving.registry import ModelEntry
+from axserving.models.manager import Lease
+from axserving.protocol import RequestSampling
 from axserving.responses import ChatShape, CompletionShape
 from axserving.sse import EventStreamResponse
 from axserving.state import AppState, json_response
-from ipc.records import Submit
+from ipc.records import SamplingParams, Submit
 
 log = logging.getLogger("axserving.generation")
 T = TypeVar("T")
@@ -38,10 +39,12 @@ class ClientDisconnected(Exception):
 @dataclass
 class Job:
     endpoint: str
-    entry: ModelEntry
-    shape: ChatShape | CompletionShape
+    model: str | None  # as the request named it (an id or alias), None for the default
+    sampling: RequestSampling
+    shape: type[ChatShape] | type[CompletionShape]
+    include_usage: bool
     stream: bool
-    build: Callable[[int], Submit]
+    build: Callable[[int, SamplingParams], Submit]
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -70,8 +73,8 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 class _Outcome:
     """What is recorded once per request, whatever path it ends on."""
 
-    def __init__(self, state: AppState, job: Job, arrived: float) -> None:
-        self.state, self.job, self.arrived = state, job, arrived
+    def __init__(self, state: AppState, job: Job, lease: Lease, arrived: float) -> None:
+        self.state, self.job, self.lease, self.arrived = state, job, lease, arrived
         self.status = 200
         self.finish: str | None = None
         self.prompt_tokens = 0
@@ -93,8 +96,9 @@ class _Outcome:
         if self._done:
             return
         self._done = True
-        state, model = self.state, self.job.entry.id
+        state, model = self.state, self.lease.model_id
         m = state.metrics
+        self.lease.release()
         state.admitted -= 1
         m.running.labels(model).dec()
         m.requests.labels(model, self.job.endpoint, str(self.status)).inc()
@@ -111,22 +115,26 @@ class _Outcome:
 async def generate(request: Request, state: AppState, job: Job) -> Response:
     sched = state.settings.scheduler
     arrived = time.monotonic()
+    lease = state.models.acquire(job.model)  # 404 for an unknown model, before anything is counted
     if state.admitted >= sched.max_inflight + sched.max_queue:
-        state.metrics.requests.labels(job.entry.id, job.endpoint, "429").inc()
+        lease.release()
+        state.metrics.requests.labels(lease.model_id, job.endpoint, "429").inc()
         raise RateLimited("the server is at capacity; retry shortly", headers={"Retry-After": "1"})
     state.admitted += 1
-    state.metrics.running.labels(job.entry.id).inc()
-    outcome = _Outcome(state, job, arrived)
+    state.metrics.running.labels(lease.model_id).inc()
+    outcome = _Outcome(state, job, lease, arrived)
     deadline = arrived + sched.request_timeout_secs
     ready_by = min(arrived + sched.max_wait_ms / 1000, deadline)
     stream: RequestStream | None = None
     handed_off = False
     try:
+        params = job.sampling.resolve(lease.spec.sampling, sched.default_max_tokens)
+        shape = job.shape(model=job.model or lease.model_id, include_usage=job.include_usage)
 
         async def start() -> Chunk | None:
             nonlocal stream
-            stream = await job.entry.supervisor.submit(job.build, ready_by)
-            state.metrics.queue_wait.labels(job.entry.id).observe(time.monotonic() - arrived)
+            stream = await lease.client.submit(lambda rid: job.build(rid, params), ready_by)
+            state.metrics.queue_wait.labels(lease.model_id).observe(time.monotonic() - arrived)
             return await stream.next()
 
         # Wait for the first output before answering, so an engine-side rejection (a prompt
@@ -137,9 +145,9 @@ async def generate(request: Request, state: AppState, job: Job) -> Response:
         headers = {"X-Ax-Stage-Timing": f"queue_wait_us={queue_wait_us}"}
         if job.stream:
             handed_off = True
-            return EventStreamResponse(_sse(job, stream, first, outcome), headers=headers)
+            return EventStreamResponse(_sse(shape, stream, first, outcome), headers=headers)
         text = await until_disconnect(request, _collect(stream, first, outcome))
-        body = job.shape.complete(
+        body = shape.complete(
             text, outcome.finish, outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens
         )
         return json_response(body, headers=headers)
@@ -168,8 +176,9 @@ async def _collect(stream: RequestStream, chunk: Chunk | None, outcome: _Outcome
     return "".join(parts)
 
 
-async def _sse(job: Job, stream: RequestStream, first: Chunk | None, outcome: _Outcome) -> AsyncIterator[str]:
-    shape = job.shape
+async def _sse(
+    shape: ChatShape | CompletionShape, stream: RequestStream, first: Chunk | None, outcome: _Outcome
+) -> AsyncIterator[str]:
     try:
         try:
             head = shape.first_chunk()

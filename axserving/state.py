@@ -12,13 +12,13 @@ from starlette.responses import Response
 
 from axserving.config import Settings
 from axserving.metrics import Metrics
-from axserving.registry import ModelRegistry
+from axserving.models.manager import ModelManager
 
 
 @dataclass
 class AppState:
     settings: Settings
-    registry: ModelRegistry = field(default_factory=ModelRegistry)
+    models: ModelManager
     metrics: Metrics = field(default_factory=Metrics)
     started: float = field(default_factory=time.monotonic)
     admitted: int = 0  # requests between admission and their final byte

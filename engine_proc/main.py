@@ -14,29 +14,17 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
-
 from engine_proc.backends import make_backend
-from engine_proc.backends.base import Backend, BackendConfig, RequestRejected
+from engine_proc.backends.base import Backend, RequestRejected
+from engine_proc.spec import EngineSpec
 from ipc import records
-from ipc.channel import ChannelSpec, EngineEnd
+from ipc.channel import EngineEnd
 
 log = logging.getLogger("axserving.engine")
 
 IDLE_WAIT_S = 0.25  # how often an idle engine beats and checks that its front is still there
 STATS_INTERVAL_S = 1.0
 PENDING_RETRY_S = 0.001  # how soon an idle engine retries events a full ring held back
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    model_id: str
-    backend: str
-    config: BackendConfig
-    channel: ChannelSpec
-    front_pid: int
-    log_level: str = "INFO"
-    nice: int = 0  # added to the engine's niceness: the front's short bursts then run first
 
 
 def _die_with_parent() -> None:

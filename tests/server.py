@@ -73,8 +73,17 @@ class Server:
     def group_pids(self) -> set[int]:
         return {int(m.split()[0]) for m in _group_members(self.proc.pid)}
 
-    def engine_pid(self) -> int | None:
-        return self.health()["models"][0]["engine"]["pid"]
+    def status(self) -> dict:  # type: ignore[type-arg]
+        """``/v1/admin/status`` (authenticated): each model's engine, with its pid and errors."""
+        return httpx.get(self.v1 + "/admin/status", headers=self.headers(), timeout=5).json()
+
+    def engine(self, model: str | None = None) -> dict:  # type: ignore[type-arg]
+        models = self.status()["models"]
+        found = models[0] if model is None else next(m for m in models if m["id"] == model)
+        return found["engine"]  # type: ignore[no-any-return]
+
+    def engine_pid(self, model: str | None = None) -> int | None:
+        return self.engine(model)["pid"]  # type: ignore[no-any-return]
 
     def wait_listening(self, timeout: float) -> None:
         end = time.monotonic() + timeout
@@ -96,11 +105,10 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                last = self.health()
-                engine = last["models"][0]["engine"]
-                if engine["state"] == "ready" and engine["pid"] not in (None, previous_pid):
-                    return int(engine["pid"])
-            except (httpx.HTTPError, KeyError, IndexError, ValueError):
+                last = self.engine()
+                if last["state"] == "ready" and last["pid"] not in (None, previous_pid):
+                    return int(last["pid"])
+            except (httpx.HTTPError, KeyError, IndexError, ValueError, StopIteration):
                 pass
             time.sleep(0.05)
         raise AssertionError(f"engine not ready after {timeout}s (last health {last}):\n{self.log()}")

@@ -24,8 +24,7 @@ from axserving.errors import (
     ServiceUnavailable,
     from_engine_failure,
 )
-from engine_proc.backends.base import BackendConfig
-from engine_proc.main import EngineSpec, engine_main
+from engine_proc.spec import BackendConfig, EngineSpec, run_engine
 from ipc import records
 from ipc.channel import FrontEnd
 from ipc.ring import FLAG_BITS, RingError
@@ -81,17 +80,28 @@ class EngineConnection:
     def inflight(self) -> int:
         return len(self._streams)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Spawn the engine process. The spawn (a fork and exec, the spec pickled down a pipe)
+        runs in a thread, so the event loop is never held up by it."""
         ctx = multiprocessing.get_context("spawn")
         self.process = ctx.Process(
-            target=engine_main, args=(self.spec,), name=f"axs-engine-{self.model_id}", daemon=True
+            target=run_engine, args=(self.spec,), name=f"axs-engine-{self.model_id}", daemon=True
         )
+        spawn = asyncio.ensure_future(asyncio.to_thread(self.process.start))
         try:
-            self.process.start()
-        except BaseException:
-            self.channel.close()
-            self._closed = True
-            raise
+            await asyncio.shield(spawn)
+        finally:
+            # Cancelled mid-spawn (the model is being stopped): let the spawn finish, so that
+            # the process, if it started, is watched and stopped like any other.
+            await asyncio.wait([spawn])
+            if spawn.exception() is not None:
+                self.channel.close()
+                self._closed = True
+            else:
+                self._watch()
+
+    def _watch(self) -> None:
+        assert self.process is not None
         self._loop.add_reader(self.channel.fileno(), self._on_events)
         self._exit_fd = self._watch_exit(self.process)
         self._loop.add_reader(self._exit_fd, self._on_exit)

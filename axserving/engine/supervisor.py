@@ -8,16 +8,17 @@ shutdown. An incarnation that served for a while resets the failure count.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from axserving.config import EngineSettings
+from axserving.engine.client import EngineClient, EngineState, StateListener
 from axserving.engine.connection import EngineConnection
 from axserving.engine.stream import RequestStream
 from axserving.errors import EngineUnavailable
-from engine_proc.backends.base import BackendConfig
+from engine_proc.spec import BackendConfig
 from ipc import records
 
 log = logging.getLogger("axserving.supervisor")
@@ -25,15 +26,10 @@ log = logging.getLogger("axserving.supervisor")
 STABLE_AFTER_S = 60.0  # an engine up this long counts as healthy: reset the failure count
 
 
-class EngineState(str, enum.Enum):
-    loading = "loading"
-    ready = "ready"
-    restarting = "restarting"
-    failed = "failed"
-    stopped = "stopped"
+__all__ = ["EngineState", "EngineSupervisor"]
 
 
-class EngineSupervisor:
+class EngineSupervisor(EngineClient):
     def __init__(
         self,
         model_id: str,
@@ -41,7 +37,7 @@ class EngineSupervisor:
         backend_config: BackendConfig,
         settings: EngineSettings,
         log_level: str = "info",
-        on_event: Callable[[str, EngineState], None] | None = None,
+        on_event: StateListener | None = None,
     ) -> None:
         self.model_id = model_id
         self.backend = backend
@@ -57,6 +53,8 @@ class EngineSupervisor:
         self._state_changed = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        # The first incarnation's outcome: ready, or why it could not start.
+        self._first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # ---- public ------------------------------------------------------------------------------
 
@@ -64,9 +62,16 @@ class EngineSupervisor:
     def pid(self) -> int | None:
         return self.conn.pid if self.conn else None
 
+    @property
+    def inflight(self) -> int:
+        return self.conn.inflight if self.conn is not None else 0
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"supervisor:{self.model_id}")
         self._task.add_done_callback(self._task_done)
+
+    async def started(self) -> None:
+        await asyncio.shield(self._first)
 
     async def wait_ready(self, deadline: float) -> EngineConnection:
         """The running engine, waiting through a (re)start until ``deadline``."""
@@ -95,7 +100,6 @@ class EngineSupervisor:
         return await conn.submit(build, deadline)
 
     def stopping(self) -> None:
-        """Shutdown has begun: an engine that dies from now on is not restarted."""
         self._stopping = True
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -110,8 +114,9 @@ class EngineSupervisor:
             except asyncio.CancelledError:
                 pass
         self._set_state(EngineState.stopped)
+        self._first_outcome(EngineUnavailable(f"model '{self.model_id}' was stopped while starting"))
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> dict[str, Any]:
         conn = self.conn if self.state is EngineState.ready else None
         stats = conn.stats if conn is not None else None
         return {
@@ -142,6 +147,15 @@ class EngineSupervisor:
         if self._on_event is not None:
             self._on_event(self.model_id, state)
 
+    def _first_outcome(self, error: EngineUnavailable | None) -> None:
+        if self._first.done():
+            return
+        if error is None:
+            self._first.set_result(None)
+        else:
+            self._first.set_exception(error)
+            self._first.exception()  # retrieved: nobody need be waiting
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             return
@@ -150,6 +164,7 @@ class EngineSupervisor:
             log.error("supervisor for %s crashed", self.model_id, exc_info=exc)
             self.last_error = f"supervisor error: {exc}"
             self._set_state(EngineState.failed)
+            self._first_outcome(EngineUnavailable(self.last_error))
 
     async def _run(self) -> None:
         failures = 0
@@ -164,8 +179,8 @@ class EngineSupervisor:
                 self.log_level,
                 self.settings.nice,
             )
-            conn.start()
             self.conn = conn
+            await conn.start()
             started = time.monotonic()
             try:
                 self.info = await asyncio.wait_for(
@@ -184,7 +199,10 @@ class EngineSupervisor:
                 )
                 conn.watch_heartbeat(self.settings.heartbeat_timeout_secs)
                 self._set_state(EngineState.ready)
+                self._first_outcome(None)
             code = await conn.died
+            if self.state is not EngineState.ready:
+                self._first_outcome(EngineUnavailable(self.last_error or f"engine exited with code {code}"))
             if self._stopping:
                 break
             up_for = time.monotonic() - started

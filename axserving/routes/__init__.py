@@ -1,10 +1,10 @@
-"""HTTP routes. Inference routes are served with and without the ``/v1`` prefix."""
+"""HTTP routes. Inference and model routes are served with and without the ``/v1`` prefix."""
 
 from __future__ import annotations
 
 from starlette.routing import Route
 
-from axserving.routes import inference, ops
+from axserving.routes import inference, models, ops
 
 
 def routes() -> list[Route]:
@@ -19,6 +19,10 @@ def routes() -> list[Route]:
         out += [
             Route(f"{prefix}/chat/completions", inference.chat_completions, methods=["POST"]),
             Route(f"{prefix}/completions", inference.completions, methods=["POST"]),
-            Route(f"{prefix}/models", ops.list_models, methods=["GET"]),
+            Route(f"{prefix}/models", models.list_models, methods=["GET"]),
+            Route(f"{prefix}/models", models.load_model, methods=["POST"]),
+            Route(f"{prefix}/models/{{model_id:str}}", models.retrieve_model, methods=["GET"]),
+            Route(f"{prefix}/models/{{model_id:str}}", models.unload_model, methods=["DELETE"]),
+            Route(f"{prefix}/models/{{model_id:str}}/reload", models.reload_model, methods=["POST"]),
         ]
     return out

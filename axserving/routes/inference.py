@@ -34,17 +34,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _chat_submit(req: protocol.ChatCompletionRequest, params: SamplingParams) -> Callable[[int], Submit]:
+Build = Callable[[int, SamplingParams], Submit]
+
+
+def _chat_submit(req: protocol.ChatCompletionRequest) -> Build:
     messages = protocol.chat_messages(req)
-    return lambda rid: Submit(rid=rid, params=params, messages=messages)
+    return lambda rid, params: Submit(rid=rid, params=params, messages=messages)
 
 
-def _completion_submit(req: protocol.CompletionRequest, params: SamplingParams) -> Callable[[int], Submit]:
+def _completion_submit(req: protocol.CompletionRequest) -> Build:
     prompt = protocol.completion_prompt(req)
     if isinstance(prompt, str):
-        return lambda rid: Submit(rid=rid, params=params, prompt=prompt)
+        return lambda rid, params: Submit(rid=rid, params=params, prompt=prompt)
     ids = prompt.tobytes()
-    return lambda rid: Submit(rid=rid, params=params, prompt_ids=ids)
+    return lambda rid, params: Submit(rid=rid, params=params, prompt_ids=ids)
 
 
 async def _serve(
@@ -52,21 +55,20 @@ async def _serve(
     endpoint: str,
     kind: type[protocol.R],
     shape: type[ChatShape] | type[CompletionShape],
-    submit: Callable[[protocol.R, SamplingParams], Callable[[int], Submit]],
+    submit: Callable[[protocol.R], Build],
 ) -> Response:
     state = app_state(request)
     if state.shutting_down:
         raise ServiceUnavailable("the server is shutting down")
     req = protocol.parse(await read_body(request, state.settings.rest.max_body_bytes), kind)
-    params = protocol.sampling_params(req, state.settings.scheduler.default_max_tokens)
-    build = submit(req, params)
-    entry = state.registry.get(req.model)
     job = Job(
         endpoint=endpoint,
-        entry=entry,
-        shape=shape(model=req.model, include_usage=protocol.include_usage(req)),
+        model=req.model,
+        sampling=protocol.sampling_params(req),
+        shape=shape,
+        include_usage=protocol.include_usage(req),
         stream=req.stream,
-        build=build,
+        build=submit(req),
     )
     return await generate(request, state, job)
 

@@ -1,53 +1,60 @@
-"""Models list, health, probes, metrics and admin status."""
+"""Health, probes, metrics and admin status.
+
+``/health``, ``/livez``, ``/readyz`` and ``/metrics`` are open (orchestrators, scrapers): they
+say each model's state and load, never a path, a pid or an error text. Those are on the
+authenticated routes (``/v1/models``, ``/v1/admin/status``).
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
 from axserving import __version__
-from axserving.engine.supervisor import EngineState
+from axserving.models import memory
+from axserving.models.manager import ModelState
 from axserving.state import AppState, app_state, json_response
 
 
-async def list_models(request: Request) -> Response:
-    state = app_state(request)
-    data = [
-        {"id": m.id, "object": "model", "created": m.created, "owned_by": "axserving"}
-        for m in state.registry
-    ]
-    return json_response({"object": "list", "data": data})
-
-
-def _models(state: AppState) -> list[dict[str, object]]:
-    return [
-        {"id": m.id, "backend": m.backend, "path": m.path, "engine": m.supervisor.snapshot()}
-        for m in state.registry
-    ]
+def _public(state: AppState) -> list[dict[str, Any]]:
+    out = []
+    for m in state.models:
+        snap = m.engine.client.snapshot()
+        out.append({
+            "id": m.id,
+            "state": m.state.value,
+            "aliases": list(m.spec.aliases),
+            "running": snap.get("running", 0),
+            "waiting": snap.get("waiting", 0),
+            "restarts": snap.get("restarts", 0),
+        })
+    return out
 
 
 def health_body(state: AppState) -> dict[str, object]:
-    ready = state.registry.any_ready() and not state.shutting_down
+    available = state.models.any_ready()
+    ready = available and not state.shutting_down
     body: dict[str, object] = {
         "status": "ok" if ready else "degraded",
         "ready": ready,
-        "model_available": state.registry.any_ready(),
-        "loaded_models": [m.id for m in state.registry],
-        "loaded_model_count": len(state.registry),
+        "model_available": available,
+        "loaded_models": [m.id for m in state.models],
+        "loaded_model_count": len(state.models),
         "uptime_secs": int(time.monotonic() - state.started),
-        "models": _models(state),
+        "models": _public(state),
     }
     if not ready:
         if state.shutting_down:
             body["reason"] = "shutting down"
-        elif not len(state.registry):
+        elif not len(state.models):
             body["reason"] = "no model loaded"
         else:
-            states = ", ".join(f"{m.id}: {m.supervisor.state.value}" for m in state.registry)
+            states = ", ".join(f"{m.id}: {m.state.value}" for m in state.models)
             body["reason"] = f"no model can serve ({states})"
     return body
 
@@ -70,23 +77,38 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = app_state(request)
     m = state.metrics
-    for entry in state.registry:
-        m.engine_up.labels(entry.id).set(1 if entry.supervisor.state is EngineState.ready else 0)
-        snap = entry.supervisor.snapshot()
-        m.engine_running.labels(entry.id).set(snap["running"])  # type: ignore[arg-type]
-        m.engine_waiting.labels(entry.id).set(snap["waiting"])  # type: ignore[arg-type]
-        m.engine_preemptions.labels(entry.id).set(snap["preemptions"])  # type: ignore[arg-type]
+    manager = state.models
+    m.loaded_models.set(len(manager))
+    m.memory_used.set(manager.memory_used)
+    m.memory_budget.set(manager.memory_budget)
+    for reason, n in manager.evictions.items():
+        m.evictions.labels(reason.value).set(n)
+    for model in manager:
+        snap = model.engine.client.snapshot()
+        m.engine_up.labels(model.id).set(1 if model.state is ModelState.ready else 0)
+        m.engine_running.labels(model.id).set(snap.get("running", 0))
+        m.engine_waiting.labels(model.id).set(snap.get("waiting", 0))
+        m.engine_preemptions.labels(model.id).set(snap.get("preemptions", 0))
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def admin_status(request: Request) -> Response:
     state = app_state(request)
+    manager = state.models
     return json_response(
         {
             "version": __version__,
             "pid": os.getpid(),
             "uptime_secs": int(time.monotonic() - state.started),
             "inflight": state.admitted,
-            "models": _models(state),
+            "default_model": manager.default_model,
+            "memory": {
+                "budget_bytes": manager.memory_budget,
+                "used_bytes": manager.memory_used,
+                "budget": memory.fmt(manager.memory_budget),
+                "used": memory.fmt(manager.memory_used),
+            },
+            "evictions": {r.value: n for r, n in manager.evictions.items()},
+            "models": [model.describe(private=True) for model in manager],
         }
     )

@@ -1,20 +1,12 @@
-"""Backends: the real runtimes (llama_cpp) and the test double (fake)."""
+"""Backends: the real runtimes (llama_cpp) and the test double (fake), listed in
+:data:`engine_proc.spec.BACKENDS`."""
 
 from __future__ import annotations
 
-from engine_proc.backends.base import Backend, BackendConfig
-
-BACKENDS = ("llama_cpp", "fake")
+from engine_proc.backends.base import Backend
+from engine_proc.spec import BackendConfig, backend_class
 
 
 def make_backend(name: str, config: BackendConfig) -> Backend:
-    """Import lazily: the front never imports llama_cpp, and the fake needs nothing heavy."""
-    if name == "llama_cpp":
-        from engine_proc.backends.llama_cpp import LlamaCppBackend
-
-        return LlamaCppBackend(config)
-    if name == "fake":
-        from engine_proc.backends.fake import FakeBackend
-
-        return FakeBackend(config)
-    raise ValueError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+    """Imported lazily: the fake needs nothing heavy, and only the engine imports a runtime."""
+    return backend_class(name)(config)

@@ -13,26 +13,14 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine_proc.spec import BackendConfig
 from ipc.records import Delta, Submit
+
+__all__ = ["Backend", "BackendConfig", "ModelInfo", "RequestRejected"]
 
 
 def _never(rid: int) -> bool:
     return False
-
-
-@dataclass(frozen=True, slots=True)
-class BackendConfig:
-    model_path: str
-    n_ctx: int = 4096
-    n_threads: int = 0  # 0: let the backend choose
-    n_batch: int = 512  # tokens per llama_decode: one step's budget (decodes + prefill chunks)
-    max_batch: int = 8  # sequences generated together (continuous batching)
-    kv_unified: bool = False  # one KV pool of n_ctx cells for all sequences, else n_ctx each
-    # Backend-specific knobs (the fake backend's delay, crash triggers, ...).
-    options: tuple[tuple[str, str], ...] = ()
-
-    def option(self, name: str, default: str = "") -> str:
-        return dict(self.options).get(name, default)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,15 +10,15 @@ import pytest
 from starlette.testclient import TestClient
 
 from axserving.app import create_app
-from axserving.config import BackendName, ModelSettings, Settings
+from axserving.config import ModelConfig, Settings
 
 KEY = "sk-test-1"
 
 
 def make_settings(**model: object) -> Settings:
-    fields: dict[str, object] = {"path": "fake://echo", "backend": BackendName.fake, "ctx_size": 256}
+    fields: dict[str, object] = {"id": "default", "path": "fake://echo", "backend": "fake", "ctx_size": 256}
     fields.update(model)
-    return Settings(model=ModelSettings(**fields), api_keys=(KEY, "sk-test-2"))  # type: ignore[arg-type]
+    return Settings(models=(ModelConfig(**fields),), api_keys=(KEY, "sk-test-2"))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -129,17 +129,25 @@ def test_headers(client: TestClient) -> None:
     assert r.headers["x-ax-stage-timing"].startswith("queue_wait_us=")
 
 
+def test_a_request_without_model_is_served_by_the_default_model(oai: openai.OpenAI, client: TestClient) -> None:
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "no model named"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "default" and r.json()["choices"][0]["message"]["content"] == "no model named "
+    r = client.post("/v1/completions", json={"prompt": "plain text"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "plain text "
+
+
 def test_health_and_probes(client: TestClient) -> None:
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["ready"] is True and h["model_available"] is True
     assert h["loaded_models"] == ["default"] and h["loaded_model_count"] == 1
-    engine = h["models"][0]["engine"]
-    assert engine["state"] == "ready" and engine["pid"] > 0 and engine["restarts"] == 0
-    assert engine["max_batch"] == 8 and engine["kv_unified"] is False
+    assert h["models"] == [{"id": "default", "state": "ready", "aliases": [], "running": 0, "waiting": 0, "restarts": 0}]
     assert client.get("/livez").status_code == 200
     assert client.get("/readyz").json()["ready"] is True
-    status = client.get("/v1/admin/status").json()
-    assert status["models"][0]["engine"]["pid"] == engine["pid"]
+    # Paths, pids and errors are for authenticated eyes only.
+    engine = client.get("/v1/admin/status").json()["models"][0]["engine"]
+    assert engine["state"] == "ready" and engine["pid"] > 0 and engine["restarts"] == 0
+    assert engine["max_batch"] == 8 and engine["kv_unified"] is False
 
 
 def test_metrics_open_and_counting(client: TestClient) -> None:
@@ -160,7 +168,7 @@ CHAT = "/v1/chat/completions"
     ("body", "status", "param"),
     [
         ({"model": "default"}, 400, "messages"),
-        ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        ({"model": None, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
         ({"model": "default", "messages": "hello"}, 400, "messages"),
         ({"model": "default", "messages": []}, 400, "messages"),
         ({"model": "default", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),

@@ -36,9 +36,9 @@ def test_api_keys_from_env_only() -> None:
     [
         ({"AXS_REST_PORT": "http"}, ["rest.port", "'http'", "$AXS_REST_PORT"]),
         ({"AXS_REST_PORT": "70000"}, ["rest.port", "<= 65535"]),
-        ({"AXS_BACKEND": "vllm"}, ["model.backend", "'vllm'"]),
+        ({"AXS_BACKEND": "vllm"}, ["model_defaults.backend", "'vllm'", "$AXS_BACKEND"]),
         ({"AXS_ALLOW_NO_AUTH": "perhaps"}, ["auth.allow_no_auth", "'perhaps'"]),
-        ({"AXS_MODEL_ID": "has space"}, ["model.id", "'has space'"]),
+        ({"AXS_MODEL_ID": "has space"}, ["models.0.id", "'has space'", "$AXS_MODEL_ID"]),
         ({"AXS_LOG": "loud"}, ["logging.level", "'loud'"]),
     ],
 )
@@ -64,8 +64,8 @@ def test_unknown_key_and_bad_yaml(tmp_path: Path) -> None:
 def test_step_budget_from_env_and_cli() -> None:
     from axserving.cli import _cli_overrides, build_parser
 
-    assert load_settings(env={"AXS_BATCH_SIZE": "128"}).model.batch_size == 128
+    assert load_settings(env={"AXS_BATCH_SIZE": "128"}).model_defaults.batch_size == 128
     args = build_parser().parse_args(["run", "--batch-size", "64"])
-    assert load_settings(_cli_overrides(args), env={"AXS_BATCH_SIZE": "128"}).model.batch_size == 64
+    assert load_settings(_cli_overrides(args), env={"AXS_BATCH_SIZE": "128"}).model_defaults.batch_size == 64
     with pytest.raises(ConfigError, match="batch_size"):
         load_settings(env={"AXS_BATCH_SIZE": "0"})

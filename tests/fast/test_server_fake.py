@@ -61,7 +61,7 @@ def test_engine_sigkill_mid_stream(tmp_path: Path) -> None:
         new_pid = server.wait_ready(20, previous_pid=pid)
         assert new_pid != pid
         h = server.health()
-        assert h["models"][0]["engine"]["restarts"] == 1 and h["status"] == "ok"
+        assert h["models"][0]["restarts"] == 1 and h["status"] == "ok"
         r = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "after crash"}])
         assert r.choices[0].message.content == "after crash "
         assert leaked(before, server.group_pids()) == set()
@@ -227,13 +227,13 @@ def test_engine_that_cannot_load_ends_failed(tmp_path: Path) -> None:
     with run_server(tmp_path, "--backend", "fake", "--backend-option", "fail_load=1", env=env,
                     wait_ready=False) as server:
         deadline = time.monotonic() + 20
-        while server.health()["models"][0]["engine"]["state"] != "failed":
+        while server.engine()["state"] != "failed":
             assert time.monotonic() < deadline, server.health()
             time.sleep(0.1)
         h = server.health()
-        assert h["status"] == "degraded" and h["ready"] is False
-        assert "model load failed" in h["models"][0]["engine"]["last_error"]
-        assert h["models"][0]["engine"]["restarts"] == 2
+        assert h["status"] == "degraded" and h["ready"] is False and h["models"][0]["state"] == "failed"
+        assert "model load failed" in server.engine()["last_error"]
+        assert server.engine()["restarts"] == 2
         assert httpx.get(server.url + "/readyz").status_code == 503
         r = httpx.post(server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
                        json={"model": "default", "messages": [{"role": "user", "content": "x"}]})
@@ -273,7 +273,7 @@ def test_hung_engine_is_detected_killed_and_restarted(tmp_path: Path) -> None:
         server.wait_ready(20, previous_pid=pid)
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-        assert "hung" in server.health()["models"][0]["engine"]["last_error"]
+        assert "hung" in server.engine()["last_error"]
         r = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "alive again"}])
         assert r.choices[0].message.content == "alive again "
         assert leaked(before, server.group_pids()) == set()
@@ -285,7 +285,7 @@ def test_idle_engine_is_not_mistaken_for_hung(tmp_path: Path) -> None:
         pid = server.engine_pid()
         time.sleep(3)
         assert server.engine_pid() == pid
-        assert server.health()["models"][0]["engine"]["restarts"] == 0
+        assert server.engine()["restarts"] == 0
 
 
 def test_engine_stats_reach_status_and_metrics(tmp_path: Path) -> None:
@@ -301,6 +301,6 @@ def test_engine_stats_reach_status_and_metrics(tmp_path: Path) -> None:
                 seen_running |= engine["running"] == 1 and engine["inflight"] == 1
         assert seen_running
         time.sleep(1.2)
-        engine = server.health()["models"][0]["engine"]
+        engine = server.engine()
         assert engine["running"] == 0 and engine["steps"] >= 300 and engine["tokens"] >= 300
         assert 'axs_engine_running_sequences{model="default"} 0.0' in httpx.get(server.url + "/metrics").text

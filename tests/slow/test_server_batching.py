@@ -47,7 +47,7 @@ def stream_text(oai: openai.OpenAI, content: str, **kw: Any) -> tuple[str, Any]:
 
 
 def engine_stats(server: Server) -> dict[str, Any]:
-    engine: dict[str, Any] = server.health()["models"][0]["engine"]
+    engine: dict[str, Any] = server.engine()
     return engine
 
 

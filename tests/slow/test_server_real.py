@@ -52,9 +52,12 @@ def test_default_model_is_served_without_model_flag(default_model: Path, tmp_pat
     """`axserving run` with no --model serves the cached packaged model."""
     cache = default_model.parent
     with run_server(tmp_path, "--threads", "2", env={"AXS_MODEL_CACHE": str(cache)}, ready_timeout=180) as s:
-        h = s.health()
-        assert h["models"][0]["path"] == str(default_model)
-        assert h["models"][0]["engine"]["backend"] == "llama_cpp"
+        model = s.status()["models"][0]
+        assert model["path"] == str(default_model)
+        assert model["backend"] == "llama_cpp" and model["engine"]["backend"] == "llama_cpp"
+        # The packaged model's own sampling defaults (its model card's), and nothing private in /health.
+        assert model["sampling"] == {"temperature": 0.2, "top_p": 0.9}
+        assert set(s.health()["models"][0]) == {"id", "state", "aliases", "running", "waiting", "restarts"}
 
 
 def test_chat_non_streaming_answers_sensibly(oai: openai.OpenAI) -> None:
