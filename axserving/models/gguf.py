@@ -62,8 +62,10 @@ class GGUFInfo:
         out: dict[str, float] = {}
         for key, name in names.items():
             value = self.metadata.get(f"general.sampling.{key}")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[name] = value
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            # Stored as f32: 0.95 reads back as 0.949999988...; six digits is what was meant.
+            out[name] = float(f"{value:.6g}") if isinstance(value, float) else value
         return out
 
 
