@@ -104,6 +104,8 @@ class EngineSupervisor(EngineClient):
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
+        # Said first: an engine that gets ready while being stopped never counts as started.
+        self._first_outcome(EngineUnavailable(f"model '{self.model_id}' was stopped while starting"))
         conn = self.conn
         if conn is not None:
             await conn.stop(timeout)
@@ -114,7 +116,6 @@ class EngineSupervisor(EngineClient):
             except asyncio.CancelledError:
                 pass
         self._set_state(EngineState.stopped)
-        self._first_outcome(EngineUnavailable(f"model '{self.model_id}' was stopped while starting"))
 
     def snapshot(self) -> dict[str, Any]:
         conn = self.conn if self.state is EngineState.ready else None
@@ -193,6 +194,9 @@ class EngineSupervisor(EngineClient):
             except EngineUnavailable as e:
                 self.last_error = e.message
             else:
+                if self._stopping:  # stopped while it loaded: it is on its way out
+                    await conn.died
+                    break
                 log.info(
                     "model %s: engine pid %s ready (%s, n_ctx %d) in %.2fs",
                     self.model_id, conn.pid, self.info.backend, self.info.n_ctx, time.monotonic() - started,
