@@ -19,7 +19,7 @@ from axserving.engine.client import EngineClient, EngineState, StateListener
 from axserving.engine.supervisor import EngineSupervisor
 from axserving.errors import APIError, MethodNotAllowed, NotFound, ServiceUnavailable
 from axserving.logs import setup_logging
-from axserving.metrics import Metrics
+from axserving.metrics import Metrics, ModelsCollector
 from axserving.middleware import ResponseHeadersMiddleware
 from axserving.models.manager import ClientFactory, ModelManager
 from axserving.models.spec import ModelSpec
@@ -76,6 +76,7 @@ def create_app(settings: Settings, engines: ClientFactory | None = None) -> Star
             metrics.engine_restarts.labels(model_id).inc()
 
     manager = ModelManager(settings, engines or engine_processes(settings), on_event=on_engine_event)
+    metrics.registry.register(ModelsCollector(manager))
     state = AppState(settings=settings, models=manager, metrics=metrics)
 
     @contextlib.asynccontextmanager

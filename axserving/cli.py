@@ -10,7 +10,14 @@ from typing import Any
 
 from axserving import __version__, model_store
 from axserving.bench import options as bench_options
-from axserving.config import AUTO_BACKEND, ConfigError, Settings, load_settings, parse_size, to_json
+from axserving.config import (
+    AUTO_BACKEND,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_size,
+    to_json,
+)
 from axserving.errors import APIError
 from axserving.logs import setup_logging
 from axserving.models import memory

@@ -267,20 +267,19 @@ def load_settings(
     for name, key in ENV_KEYS.items():
         if name in env:
             raw = env[name]
+            parsed: Any = raw
             if key == "auth.allow_no_auth":
-                value: Any = _parse_bool(raw)
+                parsed = _parse_bool(raw)
             elif key == "lifecycle.allowed_dirs":
-                value = [d.strip() for d in raw.split(",") if d.strip()]
-            else:
-                value = raw
-            _set(tree, key, value)
+                parsed = [d.strip() for d in raw.split(",") if d.strip()]
+            _set(tree, key, parsed)
             source[key] = f"${name}"
     keys = [k.strip() for k in env.get("AXS_API_KEY", "").split(",") if k.strip()]
     tree["api_keys"] = keys
 
-    for key, value in (cli or {}).items():
-        if value is not None:
-            _set(tree, key, value)
+    for key, given in (cli or {}).items():
+        if given is not None:
+            _set(tree, key, given)
             source[key] = "command line"
 
     _one_model_shorthand(tree, source)
@@ -305,6 +304,8 @@ def _one_model_shorthand(tree: dict[str, Any], source: dict[str, str]) -> None:
         )
     entry = {"id": shorthand.get("id") or "default", "path": shorthand.get("path")}
     tree["models"] = [entry]
+    if "default_model" in tree and not source.get("default_model", "").startswith(("$", "command")):
+        del tree["default_model"]  # the file's default named one of the models replaced
     source["models"] = " and ".join(
         sorted({source.get(f"model.{k}", "") for k in shorthand} - {""})
     ) or "defaults"

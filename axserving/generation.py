@@ -41,7 +41,7 @@ class Job:
     endpoint: str
     model: str | None  # as the request named it (an id or alias), None for the default
     sampling: RequestSampling
-    shape: type[ChatShape] | type[CompletionShape]
+    shape: type[ChatShape | CompletionShape]
     include_usage: bool
     stream: bool
     build: Callable[[int, SamplingParams], Submit]

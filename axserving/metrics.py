@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from axserving.models.manager import ModelManager, ModelState
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -37,27 +43,45 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.running = Gauge("axs_requests_running", "Requests in flight", ["model"], registry=r)
-        self.engine_up = Gauge("axs_engine_up", "1 while the model's engine is ready", ["model"], registry=r)
-        self.engine_running = Gauge(
-            "axs_engine_running_sequences", "Sequences the engine is generating", ["model"], registry=r
-        )
-        self.engine_waiting = Gauge(
-            "axs_engine_waiting_sequences", "Sequences accepted by the engine, not started", ["model"], registry=r
-        )
-        self.engine_preemptions = Gauge(
-            "axs_engine_preemptions",
-            "Sequences preempted because the KV cache was full (recomputed later), since the engine started",
-            ["model"],
-            registry=r,
-        )
-        self.loaded_models = Gauge("axs_loaded_models", "Models loaded (any state)", registry=r)
-        self.memory_used = Gauge(
-            "axs_models_memory_bytes", "Estimated memory of the loaded models' engines", registry=r
-        )
-        self.memory_budget = Gauge("axs_models_memory_budget_bytes", "The models' memory budget", registry=r)
-        self.evictions = Gauge(
-            "axs_model_evictions", "Models evicted since start, by reason", ["reason"], registry=r
-        )
         self.engine_restarts = Counter(
             "axs_engine_restarts", "Engine process restarts", ["model"], registry=r
         )
+
+
+class ModelsCollector(Collector):
+    """The models and their engines, read from the manager at each scrape: a model that was
+    unloaded leaves no stale series behind."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.manager
+        yield GaugeMetricFamily("axs_loaded_models", "Models loaded (any state)", value=len(m))
+        yield GaugeMetricFamily(
+            "axs_models_memory_bytes", "Estimated memory of the loaded models' engines", value=m.memory_used
+        )
+        yield GaugeMetricFamily("axs_models_memory_budget_bytes", "The models' memory budget", value=m.memory_budget)
+        evictions = CounterMetricFamily("axs_model_evictions", "Models evicted, by reason", labels=["reason"])
+        for reason, n in m.evictions.items():
+            evictions.add_metric([reason.value], n)
+        yield evictions
+        up = GaugeMetricFamily("axs_engine_up", "1 while the model's engine is ready", labels=["model"])
+        running = GaugeMetricFamily(
+            "axs_engine_running_sequences", "Sequences the engine is generating", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            "axs_engine_waiting_sequences", "Sequences accepted by the engine, not started", labels=["model"]
+        )
+        preempted = GaugeMetricFamily(
+            "axs_engine_preemptions",
+            "Sequences preempted because the KV cache was full (recomputed later), since the engine started",
+            labels=["model"],
+        )
+        for model in m:
+            snap = model.engine.client.snapshot()
+            up.add_metric([model.id], 1 if model.state is ModelState.ready else 0)
+            running.add_metric([model.id], snap.get("running", 0))
+            waiting.add_metric([model.id], snap.get("waiting", 0))
+            preempted.add_metric([model.id], snap.get("preemptions", 0))
+        yield from (up, running, waiting, preempted)

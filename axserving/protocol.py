@@ -75,9 +75,10 @@ class CompletionRequest(_Sampling, kw_only=True):
 
 
 R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
+S = TypeVar("S", bound=msgspec.Struct)
 
 
-def parse(body: bytes, kind: type[R]) -> R:
+def parse(body: bytes, kind: type[S]) -> S:
     if not body.strip():
         raise InvalidRequest("request body is empty; expected a JSON object")
     try:

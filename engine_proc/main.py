@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+
 from engine_proc.backends import make_backend
 from engine_proc.backends.base import Backend, RequestRejected
 from engine_proc.spec import EngineSpec

@@ -15,7 +15,13 @@ from pathlib import Path
 import msgspec
 
 from axserving import model_store
-from axserving.config import AUTO_BACKEND, ModelConfig, ModelDefaults, SamplingDefaults, parse_size
+from axserving.config import (
+    AUTO_BACKEND,
+    ModelConfig,
+    ModelDefaults,
+    SamplingDefaults,
+    parse_size,
+)
 from axserving.errors import Forbidden, UnprocessableRequest
 from axserving.models import gguf, memory
 from axserving.models.routing import RoutingError, load_map
@@ -33,7 +39,7 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()
     pinned: bool = False
     idle_timeout_secs: float = 0.0
-    sampling: SamplingDefaults = SamplingDefaults()
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     memory_bytes: int = 0
     memory_estimated: bool = True  # False: the entry gave memory_bytes
     architecture: str | None = None

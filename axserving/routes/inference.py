@@ -54,7 +54,7 @@ async def _serve(
     request: Request,
     endpoint: str,
     kind: type[protocol.R],
-    shape: type[ChatShape] | type[CompletionShape],
+    shape: type[ChatShape | CompletionShape],
     submit: Callable[[protocol.R], Build],
 ) -> Response:
     state = app_state(request)

@@ -17,7 +17,6 @@ from starlette.responses import Response
 
 from axserving import __version__
 from axserving.models import memory
-from axserving.models.manager import ModelState
 from axserving.state import AppState, app_state, json_response
 
 
@@ -75,21 +74,7 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    state = app_state(request)
-    m = state.metrics
-    manager = state.models
-    m.loaded_models.set(len(manager))
-    m.memory_used.set(manager.memory_used)
-    m.memory_budget.set(manager.memory_budget)
-    for reason, n in manager.evictions.items():
-        m.evictions.labels(reason.value).set(n)
-    for model in manager:
-        snap = model.engine.client.snapshot()
-        m.engine_up.labels(model.id).set(1 if model.state is ModelState.ready else 0)
-        m.engine_running.labels(model.id).set(snap.get("running", 0))
-        m.engine_waiting.labels(model.id).set(snap.get("waiting", 0))
-        m.engine_preemptions.labels(model.id).set(snap.get("preemptions", 0))
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(app_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def admin_status(request: Request) -> Response:

@@ -16,6 +16,7 @@ from axserving.engine.client import EngineState, StateListener
 from axserving.engine.inproc import InprocEngineClient
 from axserving.errors import (
     Conflict,
+    EngineUnavailable,
     Forbidden,
     InsufficientMemory,
     ModelNotFound,
@@ -372,7 +373,7 @@ def test_state_transitions_of_a_model_whose_engine_fails_at_start_up() -> None:
         m = ModelManager(settings(fake("bad", backend_options={"fail_load": "1"})), factory,
                          on_event=lambda i, s: seen.append((i, s)))
         await m.start()
-        with pytest.raises(Exception):
+        with pytest.raises(EngineUnavailable, match="fake backend told to fail loading"):
             await m._models["bad"].engine.client.started()
         assert [x.state for x in m] == [ModelState.failed] and not m.any_ready()
         assert m._models["bad"].evictable()  # a failed model's memory can be reclaimed

@@ -82,8 +82,10 @@ def test_load_list_retrieve_route_unload(client: TestClient) -> None:
 
     assert chat(client, "x1")["choices"][0]["message"]["content"] == "one two three four five "
     assert chat(client, "x1")["model"] == "x1"  # the name the client asked for
+    assert 'axs_engine_up{model="extra"} 1.0' in client.get("/metrics").text
     r = client.delete("/v1/models/extra")
     assert r.status_code == 200 and r.json()["deleted"] is True
+    assert 'axs_engine_up{model="extra"}' not in client.get("/metrics").text  # no stale series
     gone = chat(client, "x1")
     assert gone["status"] == 404 and gone["error"]["code"] == "model_not_found"
     assert error(client.delete("/v1/models/extra"))["type"] == "not_found_error"
@@ -170,7 +172,7 @@ def test_capacity_503_and_memory_507(client: TestClient) -> None:
     status = client.get("/v1/admin/status").json()
     assert status["memory"]["used_bytes"] == 6_000_000 and status["evictions"]["max_loaded_models"] == 2
     metrics = client.get("/metrics").text
-    assert "axs_loaded_models 2.0" in metrics and 'axs_model_evictions{reason="max_loaded_models"} 2.0' in metrics
+    assert "axs_loaded_models 2.0" in metrics and 'axs_model_evictions_total{reason="max_loaded_models"} 2.0' in metrics
 
 
 def test_health_is_open_and_private_details_are_not(client: TestClient) -> None:

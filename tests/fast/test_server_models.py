@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server import Server, leaked, run_server, shm_names
+from tests.server import AXSERVING, REPO, Server, leaked, run_server, shm_names
 
 CONFIG = """
 default_model: echo
@@ -175,7 +176,7 @@ def test_idle_models_are_evicted_and_the_pinned_stay(tmp_path: Path) -> None:
         assert pid is not None
         wait_for(lambda: not pid_alive(pid), 10, "its engine to exit")
         assert sorted(m["id"] for m in server.health()["models"]) == ["default", "kept"]
-        assert 'axs_model_evictions{reason="idle"} 1.0' in httpx.get(server.url + "/metrics").text
+        assert 'axs_model_evictions_total{reason="idle"} 1.0' in httpx.get(server.url + "/metrics").text
 
 
 def test_a_model_that_cannot_load_at_run_time_is_a_422(tmp_path: Path) -> None:
@@ -186,3 +187,30 @@ def test_a_model_that_cannot_load_at_run_time_is_a_422(tmp_path: Path) -> None:
         assert r.status_code == 422 and r.json()["error"]["code"] == "model_load_failed"
         assert "model load failed" in r.json()["error"]["message"]
         assert [m["id"] for m in server.status()["models"]] == ["default"]
+
+
+def test_start_up_refuses_models_that_cannot_fit_together(tmp_path: Path) -> None:
+    config = tmp_path / "big.yaml"
+    config.write_text(
+        "lifecycle: {max_memory_bytes: 1GB}\n"
+        "models:\n"
+        "  - {id: a, path: 'fake://echo', backend: fake, memory_bytes: 600MB}\n"
+        "  - {id: b, path: 'fake://echo', backend: fake, memory_bytes: 600MB}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AXS_")}
+    env["AXS_ALLOW_NO_AUTH"] = "true"
+    r = subprocess.run([*AXSERVING, "run", "--config", str(config)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "more than the memory budget" in r.stderr and "a 572.2 MiB" in r.stderr
+    config.write_text("models:\n  - {id: a, path: 'fake://echo', backend: fake}\n  - {id: a, path: 'fake://x'}\n")
+    r = subprocess.run([*AXSERVING, "run", "--config", str(config)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "'a' is already used" in r.stderr, r.stderr
+
+
+def test_the_model_flag_replaces_the_configured_list(tmp_path: Path, config: Path) -> None:
+    with run_server(tmp_path, "--config", str(config), "--model", "fake://solo", "--model-id", "solo",
+                    "--backend", "fake") as server:  # fmt: skip
+        assert [m["id"] for m in server.status()["models"]] == ["solo"]
+        assert server.status()["default_model"] == "solo"
