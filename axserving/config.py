@@ -320,12 +320,12 @@ def parse_size(value: int | str, key: str) -> int:
         if value < 0:
             raise ConfigError(f"invalid configuration: {key} = {value}: must not be negative")
         return value
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*", value, re.IGNORECASE)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(i?)B?\s*", value, re.IGNORECASE)
     if not m:
         raise ConfigError(f"invalid configuration: {key} = {value!r}: expected bytes, or a size such as '8GiB'")
     number, unit, binary = m.groups()
     base = 1024 if binary or not unit else 1000
-    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
+    return int(float(number) * base ** "_KMGTP".index(unit.upper() or "_"))
 
 
 def check(settings: Settings, source: Mapping[str, str] | None = None) -> None:

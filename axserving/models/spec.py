@@ -17,6 +17,7 @@ import msgspec
 from axserving import model_store
 from axserving.config import (
     AUTO_BACKEND,
+    ConfigError,
     ModelConfig,
     ModelDefaults,
     SamplingDefaults,
@@ -135,7 +136,10 @@ def resolve(
         options=tuple(sorted(options.items())),
     )
     if entry.memory_bytes is not None:
-        size, estimated = parse_size(entry.memory_bytes, "memory_bytes"), False
+        try:
+            size, estimated = parse_size(entry.memory_bytes, "memory_bytes"), False
+        except ConfigError as e:
+            raise UnprocessableRequest(str(e).removeprefix("invalid configuration: "), param="memory_bytes") from e
     else:
         size, estimated = _estimate(path, info, engine), True
     description = ""

@@ -182,3 +182,8 @@ def test_health_is_open_and_private_details_are_not(client: TestClient) -> None:
     assert "fake://" not in text and "pid" not in text and "last_error" not in text
     assert client.get("/v1/models", headers={"Authorization": ""}).status_code == 401
     assert client.post("/v1/models", headers={"Authorization": ""}, json={}).status_code == 401
+
+
+def test_a_bad_memory_size_is_a_422(client: TestClient) -> None:
+    r = client.post("/v1/models", json={"model_id": "m", "path": "fake://echo", "backend": "fake", "memory_bytes": "lots"})
+    assert r.status_code == 422 and error(r)["param"] == "memory_bytes"

@@ -214,3 +214,28 @@ def test_the_model_flag_replaces_the_configured_list(tmp_path: Path, config: Pat
                     "--backend", "fake") as server:  # fmt: skip
         assert [m["id"] for m in server.status()["models"]] == ["solo"]
         assert server.status()["default_model"] == "solo"
+
+
+def test_error_statuses_through_the_server(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "notes.gguf").write_text("not a model")
+    env = {"AXS_MODEL_ALLOWED_DIRS": str(allowed), "AXS_MAX_LOADED_MODELS": "1"}
+    with run_server(tmp_path, "--backend", "fake", env=env) as server:
+        def load(**body: object) -> httpx.Response:
+            return httpx.post(f"{server.v1}/models", headers=server.headers(), json=body, timeout=60)
+
+        assert load(model_id="x", path=str(tmp_path / "secret.gguf")).status_code == 403
+        assert load(model_id="x", path=str(allowed / "notes.gguf")).json()["error"]["code"] == "not_a_model"
+        assert load(model_id="default", path="fake://echo", backend="fake").status_code == 409
+        # One model at most, and the loaded one is busy: nothing can be evicted.
+        with httpx.stream("POST", server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
+                          json={"stream": True, "messages": [{"role": "user", "content": "z " * 3000}]}) as busy:
+            lines = busy.iter_lines()  # kept: a dropped iterator closes the stream
+            next(lines)
+            r = load(model_id="x", path="fake://echo", backend="fake")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "max_loaded_models"
+        assert load(model_id="x", path="fake://echo", backend="fake", memory_bytes="1PB").status_code == 507
+        assert httpx.delete(f"{server.v1}/models/nope", headers=server.headers()).status_code == 404
+        assert httpx.post(f"{server.v1}/models/nope/reload", headers=server.headers()).status_code == 404
+        assert httpx.post(f"{server.v1}/models", json={}).status_code == 401
