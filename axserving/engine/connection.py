@@ -36,8 +36,9 @@ _SAFETY_DRAIN_S = 0.2  # re-check the event ring this often, in case a wake-up w
 
 
 class EngineConnection:
-    def __init__(
-        self,
+    @classmethod
+    async def open(
+        cls,
         model_id: str,
         backend: str,
         backend_config: BackendConfig,
@@ -45,9 +46,30 @@ class EngineConnection:
         event_ring_bytes: int,
         log_level: str,
         nice: int = 0,
+    ) -> EngineConnection:
+        """A connection with its rings created (in a thread: mapping them up front takes
+        milliseconds that the event loop does not wait for); :meth:`start` spawns the engine."""
+        making = asyncio.ensure_future(asyncio.to_thread(FrontEnd.create, request_ring_bytes, event_ring_bytes))
+        try:
+            channel = await asyncio.shield(making)
+        except asyncio.CancelledError:
+            await asyncio.wait([making])  # the rings may exist by now: unlink them
+            if making.exception() is None:
+                making.result().close()
+            raise
+        return cls(model_id, channel, backend, backend_config, log_level, nice)
+
+    def __init__(
+        self,
+        model_id: str,
+        channel: FrontEnd,
+        backend: str,
+        backend_config: BackendConfig,
+        log_level: str,
+        nice: int = 0,
     ) -> None:
         self.model_id = model_id
-        self.channel = FrontEnd.create(request_ring_bytes, event_ring_bytes)
+        self.channel = channel
         self.spec = EngineSpec(
             model_id=model_id,
             backend=backend,

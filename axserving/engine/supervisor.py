@@ -171,7 +171,7 @@ class EngineSupervisor(EngineClient):
         failures = 0
         backoff_ms = self.settings.restart_backoff_ms
         while not self._stopping:
-            conn = EngineConnection(
+            conn = await EngineConnection.open(
                 self.model_id,
                 self.backend,
                 self.backend_config,

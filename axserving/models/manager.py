@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from axserving.config import ModelConfig, Settings, parse_size
 from axserving.engine.client import EngineClient, EngineState, StateListener
 from axserving.errors import (
@@ -148,7 +150,7 @@ class Model:
                 memory_bytes=self.spec.memory_bytes,
                 memory_estimated=self.spec.memory_estimated,
                 idle_timeout_secs=self.spec.idle_timeout_secs,
-                sampling={k: v for k, v in _fields(self.spec.sampling).items() if v is not None},
+                sampling={k: v for k, v in msgspec.structs.asdict(self.spec.sampling).items() if v is not None},
                 load_time_ms=None if self.load_time_s is None else round(self.load_time_s * 1000),
                 reloading=self.next is not None,
                 inflight=self.leases,
@@ -156,12 +158,6 @@ class Model:
                 engine=snap,
             )
         return out
-
-
-def _fields(struct: Any) -> dict[str, Any]:
-    import msgspec
-
-    return msgspec.structs.asdict(struct)
 
 
 class Lease:

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from ipc.ring import pid_alive
 from tests.server import AXSERVING, REPO, Server, leaked, run_server, shm_names
 
 CONFIG = """
@@ -42,13 +43,6 @@ def config(tmp_path: Path) -> Path:
     path.write_text(CONFIG)
     return path
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]

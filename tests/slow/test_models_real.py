@@ -6,7 +6,6 @@ their own estimates: eviction keeps the pinned and the busy, and 507 when nothin
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from axserving.config import ModelConfig, ModelDefaults
 from axserving.models.spec import resolve
+from ipc.ring import pid_alive
 from tests.server import Server, run_server
 
 pytestmark = pytest.mark.slow
@@ -35,13 +35,6 @@ def rss(pid: int) -> int:
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def long_stream(oai: openai.OpenAI, model: str, tokens: int) -> tuple[int, str | None, str]:
