@@ -19,11 +19,12 @@ from axserving.engine.client import EngineClient, EngineState, StateListener
 from axserving.engine.supervisor import EngineSupervisor
 from axserving.errors import APIError, MethodNotAllowed, NotFound, ServiceUnavailable
 from axserving.logs import setup_logging
-from axserving.metrics import Metrics, ModelsCollector
+from axserving.metrics import Metrics, ModelsCollector, SchedulerCollector
 from axserving.middleware import ResponseHeadersMiddleware
 from axserving.models.manager import ClientFactory, ModelManager
 from axserving.models.spec import ModelSpec
 from axserving.routes import routes
+from axserving.scheduler import Scheduler
 from axserving.state import AppState, json_response
 from ipc.ring import sweep_orphans
 
@@ -77,7 +78,9 @@ def create_app(settings: Settings, engines: ClientFactory | None = None) -> Star
 
     manager = ModelManager(settings, engines or engine_processes(settings), on_event=on_engine_event)
     metrics.registry.register(ModelsCollector(manager))
-    state = AppState(settings=settings, models=manager, metrics=metrics)
+    scheduler = Scheduler(settings.scheduler)
+    metrics.registry.register(SchedulerCollector(scheduler))
+    state = AppState(settings=settings, models=manager, scheduler=scheduler, metrics=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

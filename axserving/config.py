@@ -107,10 +107,21 @@ class LifecycleSettings(msgspec.Struct, **_STRICT):
     drain_timeout_secs: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
 
+class OverloadPolicy(str, enum.Enum):
+    queue = "queue"  # wait in the bounded queue; 429 when it is full
+    reject = "reject"  # no waiting: 429 as soon as no slot is free
+    shed_oldest = "shed_oldest"  # when the queue is full, the oldest waiter gets a 503 instead
+
+
 class SchedulerSettings(msgspec.Struct, **_STRICT):
     max_inflight: Positive = 16
     max_queue: NonNegative = 128
     max_wait_ms: Positive = 120_000
+    overload_policy: OverloadPolicy = OverloadPolicy.queue
+    per_model_max_inflight: NonNegative = 0  # 0: the model's max_batch + engine_lookahead
+    engine_lookahead: NonNegative = 2
+    aging_ms: Positive = 5_000
+    target_p99_ms: NonNegative = 0  # 0: no AIMD
     default_max_tokens: Annotated[int, msgspec.Meta(ge=1, le=32768)] = 2048
     request_timeout_secs: Positive = 120
 
@@ -175,6 +186,9 @@ ENV_KEYS: dict[str, str] = {
     "AXS_SCHED_MAX_INFLIGHT": "scheduler.max_inflight",
     "AXS_SCHED_MAX_QUEUE": "scheduler.max_queue",
     "AXS_SCHED_MAX_WAIT_MS": "scheduler.max_wait_ms",
+    "AXS_OVERLOAD_POLICY": "scheduler.overload_policy",
+    "AXS_PER_MODEL_MAX_INFLIGHT": "scheduler.per_model_max_inflight",
+    "AXS_TARGET_P99_MS": "scheduler.target_p99_ms",
     "AXS_DEFAULT_MAX_TOKENS": "scheduler.default_max_tokens",
     "AXS_REQUEST_TIMEOUT_SECS": "scheduler.request_timeout_secs",
     "AXS_ENGINE_STARTUP_TIMEOUT_SECS": "engine.startup_timeout_secs",

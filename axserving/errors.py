@@ -15,6 +15,7 @@ class APIError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     default_code: ClassVar[str | None] = None
+    default_headers: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -28,7 +29,7 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
-        self.headers = headers or {}
+        self.headers = {**self.default_headers, **(headers or {})}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -100,11 +101,15 @@ class MethodNotAllowed(APIError):
 class RateLimited(APIError):
     status = 429
     type = "rate_limit_error"
+    default_headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
 class ServiceUnavailable(APIError):
+    """Every 503 says when to come back."""
+
     status = 503
     type = "server_error"
+    default_headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
 class EngineUnavailable(ServiceUnavailable):

@@ -1,33 +1,40 @@
-"""From a validated request to a finished response: admission, submission, streaming or
-collection, cancellation, and the metrics recorded once at the end.
+"""From a validated request to a finished response: routing, admission, submission, streaming
+or collection, cancellation, and the metrics recorded once at the end.
 
 Both inference routes (chat and text completions) go through :func:`generate`; they differ only
 in the :class:`~axserving.responses.Shape` of their output and in the ``Submit`` they build.
+
+The whole life of a request runs inside one :class:`InferenceResponse` call, under one context
+manager (:func:`request_scope`) that takes the model lease, the scheduler's slot and the gauges,
+and gives them back however the response ends: an error before the first byte (rendered by the
+app's one error handler), a finished body, a stream cut short, the client leaving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from axserving.engine.stream import Chunk, RequestStream
-from axserving.errors import APIError, RateLimited
+from axserving.errors import APIError
 from axserving.models.manager import Lease
 from axserving.protocol import RequestSampling
 from axserving.responses import ChatShape, CompletionShape
+from axserving.scheduler import Priority, Ticket
 from axserving.sse import EventStreamResponse
 from axserving.state import AppState, json_response
 from ipc.records import SamplingParams, Submit
 
 log = logging.getLogger("axserving.generation")
-T = TypeVar("T")
 
 CLIENT_CLOSED = 499  # nginx's convention; nobody reads it, but logs and metrics do
 
@@ -45,29 +52,16 @@ class Job:
     include_usage: bool
     stream: bool
     build: Callable[[int, SamplingParams], Submit]
+    priority: Priority = Priority.normal
+    client: str = ""  # whose request: for fairness between clients
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work`` unless the client disconnects first (then cancel it and raise)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        task.cancel()
-        raise ClientDisconnected()
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
+def client_key(request: Request) -> str:
+    """A hash of the bearer key, else the peer address."""
+    auth = request.headers.get("authorization", "")
+    if auth:
+        return hashlib.sha256(auth.encode()).hexdigest()[:16]
+    return request.client.host if request.client else ""
 
 
 class _Outcome:
@@ -81,23 +75,23 @@ class _Outcome:
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.ttft: float | None = None
-        self._done = False
+        self.stream: RequestStream | None = None
 
-    def tokens(self, chunk: Chunk, stream: RequestStream) -> None:
+    def tokens(self, chunk: Chunk) -> None:
         self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
         self.completion_tokens = chunk.completion_tokens
         self.cached_tokens = chunk.cached_tokens or self.cached_tokens
         if chunk.finish_reason:
             self.finish = chunk.finish_reason
-        if self.ttft is None and stream.first_token_at is not None:
+        stream = self.stream
+        if self.ttft is None and stream is not None and stream.first_token_at is not None:
             self.ttft = stream.first_token_at - self.arrived
 
     def close(self) -> None:
-        if self._done:
-            return
-        self._done = True
         state, model = self.state, self.lease.model_id
         m = state.metrics
+        if self.stream is not None:
+            self.stream.cancel()  # frees the engine's slot if it is still generating
         self.lease.release()
         state.admitted -= 1
         m.running.labels(model).dec()
@@ -112,65 +106,116 @@ class _Outcome:
             m.finish.labels(model, self.finish).inc()
 
 
-async def generate(request: Request, state: AppState, job: Job) -> Response:
-    sched = state.settings.scheduler
+@contextlib.asynccontextmanager
+async def request_scope(state: AppState, job: Job) -> AsyncIterator[tuple[_Outcome, Ticket]]:
+    """The request's lease on its model, its scheduler slot and its gauges, for the body of
+    the ``async with``; released, and the outcome recorded, however it ends."""
     arrived = time.monotonic()
     lease = state.models.acquire(job.model)  # 404 for an unknown model, before anything is counted
-    if state.admitted >= sched.max_inflight + sched.max_queue:
-        lease.release()
-        state.metrics.requests.labels(lease.model_id, job.endpoint, "429").inc()
-        raise RateLimited("the server is at capacity; retry shortly", headers={"Retry-After": "1"})
     state.admitted += 1
     state.metrics.running.labels(lease.model_id).inc()
     outcome = _Outcome(state, job, lease, arrived)
-    deadline = arrived + sched.request_timeout_secs
-    ready_by = min(arrived + sched.max_wait_ms / 1000, deadline)
-    stream: RequestStream | None = None
-    handed_off = False
     try:
-        params = job.sampling.resolve(lease.spec.sampling, sched.default_max_tokens)
-        shape = job.shape(model=job.model or lease.model_id, include_usage=job.include_usage)
-
-        async def start() -> Chunk | None:
-            nonlocal stream
-            stream = await lease.client.submit(lambda rid: job.build(rid, params), ready_by)
-            state.metrics.queue_wait.labels(lease.model_id).observe(time.monotonic() - arrived)
-            return await stream.next()
-
-        # Wait for the first output before answering, so an engine-side rejection (a prompt
-        # longer than the context, say) is an ordinary HTTP error for streaming requests too.
-        first = await until_disconnect(request, start())
-        assert stream is not None
-        queue_wait_us = int((stream.created - arrived) * 1e6)
-        headers = {"X-Ax-Stage-Timing": f"queue_wait_us={queue_wait_us}"}
-        if job.stream:
-            handed_off = True
-            return EventStreamResponse(_sse(shape, stream, first, outcome), headers=headers)
-        text = await until_disconnect(request, _collect(stream, first, outcome))
-        body = shape.complete(
-            text, outcome.finish, outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens
-        )
-        return json_response(body, headers=headers)
-    except ClientDisconnected:
-        outcome.status = CLIENT_CLOSED
-        return Response(status_code=CLIENT_CLOSED)
+        cap = state.scheduler.model_cap(lease.spec.engine.max_batch)
+        async with state.scheduler.admit(lease.model_id, cap, job.priority, job.client) as ticket:
+            state.metrics.queue_wait.labels(lease.model_id).observe(ticket.queue_wait)
+            yield outcome, ticket
     except APIError as e:
         outcome.status = e.status
+        raise
+    except (asyncio.CancelledError, ClientDisconnected):
+        outcome.status = CLIENT_CLOSED
         raise
     except BaseException:
         outcome.status = 500
         raise
     finally:
-        if stream is not None and not handed_off:
-            stream.cancel()
-        if not handed_off:
-            outcome.close()
+        outcome.close()
+
+
+class _DisconnectWatch:
+    """Cancel the task that runs the request if the client disconnects; :meth:`stop` before
+    handing ``receive`` to the streaming response, which watches it from then on."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self.gone = False
+        self._watcher: asyncio.Task[None] | None = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        assert self._task is not None
+        self._task.cancel()
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+
+class InferenceResponse(Response):
+    """Runs the request when Starlette sends the response, so that everything it holds is held
+    inside one ``async with`` (a streaming body outlives the route function)."""
+
+    def __init__(self, state: AppState, job: Job) -> None:
+        self.state, self.job = state, job
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watch = _DisconnectWatch(receive)
+        try:
+            await self._run(watch, scope, receive, send)
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()  # the client left: an ordinary end (the ASGI server wants a reply)
+            await Response(status_code=CLIENT_CLOSED)(scope, receive, send)
+        finally:
+            watch.stop()
+
+    async def _run(self, watch: _DisconnectWatch, scope: Scope, receive: Receive, send: Send) -> None:
+        state, job = self.state, self.job
+        sched = state.settings.scheduler
+        async with request_scope(state, job) as (outcome, ticket):
+            lease = outcome.lease
+            params = job.sampling.resolve(lease.spec.sampling, sched.default_max_tokens)
+            shape = job.shape(model=job.model or lease.model_id, include_usage=job.include_usage)
+            # The request's own time starts once it has a slot: max_wait_ms bounded the wait.
+            deadline = ticket.started + sched.request_timeout_secs
+            ready_by = min(ticket.started + sched.max_wait_ms / 1000, deadline)
+            stream = outcome.stream = await lease.client.submit(
+                lambda rid: job.build(rid, params), ready_by, deadline
+            )
+            # Wait for the first output before answering, so an engine-side rejection (a prompt
+            # longer than the context, say) is an ordinary HTTP error for streaming requests too.
+            first = await stream.next()
+            queue_wait_us = int((stream.created - outcome.arrived) * 1e6)
+            headers = {"X-Ax-Stage-Timing": f"queue_wait_us={queue_wait_us}"}
+            if job.stream:
+                watch.stop()
+                await EventStreamResponse(_sse(shape, stream, first, outcome), headers=headers)(scope, receive, send)
+                return
+            text = await _collect(stream, first, outcome)
+            body = shape.complete(
+                text, outcome.finish, outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens
+            )
+            watch.stop()
+            await json_response(body, headers=headers)(scope, receive, send)
+
+
+async def generate(request: Request, state: AppState, job: Job) -> Response:
+    return InferenceResponse(state, job)
 
 
 async def _collect(stream: RequestStream, chunk: Chunk | None, outcome: _Outcome) -> str:
     parts: list[str] = []
     while chunk is not None:
-        outcome.tokens(chunk, stream)
+        outcome.tokens(chunk)
         parts.append(chunk.text)
         chunk = await stream.next()
     return "".join(parts)
@@ -186,7 +231,7 @@ async def _sse(
                 yield head
             chunk = first
             while chunk is not None:
-                outcome.tokens(chunk, stream)
+                outcome.tokens(chunk)
                 if chunk.text and chunk.finish_reason and isinstance(shape, ChatShape):
                     yield shape.chunk(chunk.text, None)
                     yield shape.chunk("", chunk.finish_reason)
@@ -202,10 +247,9 @@ async def _sse(
             yield shape.sse(e.body())
         yield "[DONE]"
     except BaseException:
-        # Cancelled (client gone) or a bug: free the engine's slot and say so in metrics.
+        # Cancelled (the client left) or a bug: the request scope frees the engine's slot.
         if outcome.status == 200:
             outcome.status = CLIENT_CLOSED
         raise
     finally:
-        stream.cancel()
-        outcome.close()
+        stream.cancel()  # at once, not when the scope ends

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from axserving.models.manager import ModelManager, ModelState
+from axserving.scheduler import Scheduler
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -85,3 +86,30 @@ class ModelsCollector(Collector):
             waiting.add_metric([model.id], snap.get("waiting", 0))
             preempted.add_metric([model.id], snap.get("preemptions", 0))
         yield from (up, running, waiting, preempted)
+
+
+class SchedulerCollector(Collector):
+    """The front's admission state, read at each scrape (names as AX Serving's, and the two
+    gauges routers read to place requests, as vLLM's ``num_requests_running/waiting``)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.scheduler
+        yield GaugeMetricFamily("axs_scheduler_inflight_count", "Requests holding a slot", value=s.inflight)
+        yield GaugeMetricFamily("axs_scheduler_queue_depth", "Requests waiting for a slot", value=len(s.waiting))
+        yield GaugeMetricFamily("axs_scheduler_limit", "The running limit (AIMD moves it)", value=s.limit)
+        yield CounterMetricFamily("axs_scheduler_rejected_requests", "Requests refused with a 429", value=s.rejected)
+        yield CounterMetricFamily("axs_scheduler_shed_requests", "Waiters shed for newer requests (503)", value=s.shed)
+        yield CounterMetricFamily(
+            "axs_scheduler_queue_timeouts", "Waiters whose max_wait_ms ran out (503)", value=s.timed_out
+        )
+        running = GaugeMetricFamily("axs_num_requests_running", "Requests running, by model", labels=["model"])
+        waiting = GaugeMetricFamily("axs_num_requests_waiting", "Requests waiting, by model", labels=["model"])
+        models = set(s.per_model) | {w.model for w in s.waiting}
+        for model in sorted(models):
+            running.add_metric([model], s.per_model.get(model, 0))
+            waiting.add_metric([model], s.queued(model))
+        yield running
+        yield waiting

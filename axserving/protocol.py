@@ -60,6 +60,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     top_logprobs: int | None = None
     ignore_eos: bool = False
     user: str | None = None
+    priority: str | None = None  # critical, high, normal, low, background (else X-Priority)
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):

@@ -13,12 +13,14 @@ from starlette.responses import Response
 from axserving.config import Settings
 from axserving.metrics import Metrics
 from axserving.models.manager import ModelManager
+from axserving.scheduler import Scheduler
 
 
 @dataclass
 class AppState:
     settings: Settings
     models: ModelManager
+    scheduler: Scheduler
     metrics: Metrics = field(default_factory=Metrics)
     started: float = field(default_factory=time.monotonic)
     admitted: int = 0  # requests between admission and their final byte

@@ -43,8 +43,11 @@ class EngineClient(abc.ABC):
         first start failed (a later restart is the supervisor's business, not the caller's)."""
 
     @abc.abstractmethod
-    async def submit(self, build: Callable[[int], records.Submit], deadline: float) -> RequestStream:
-        """Send a request (waiting through a restart until ``deadline``); its output stream."""
+    async def submit(
+        self, build: Callable[[int], records.Submit], ready_by: float, deadline: float
+    ) -> RequestStream:
+        """Send a request; its output stream. Waits through a (re)start until ``ready_by``;
+        past ``deadline`` the request is aborted (``RequestTimeout``)."""
 
     @property
     @abc.abstractmethod

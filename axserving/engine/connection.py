@@ -246,8 +246,10 @@ class EngineConnection:
     async def submit(
         self,
         build: Callable[[int], records.Submit],
+        ready_by: float,
         deadline: float,
     ) -> RequestStream:
+        """``ready_by`` bounds the wait for room in the request ring; ``deadline`` the request."""
         if self._closed or self.died.done():
             raise EngineUnavailable("the model's engine is not running; retry shortly")
         if len(self._streams) >= FLAG_BITS:
@@ -256,7 +258,7 @@ class EngineConnection:
         self.channel.reuse_slot(rid)
         record = build(rid)
         while not self._try_send(record):
-            if time.monotonic() > deadline:
+            if time.monotonic() > ready_by:
                 raise ServiceUnavailable("the engine's request ring stayed full; try again later")
             await asyncio.sleep(_SEND_RETRY_S)
             if self._closed:

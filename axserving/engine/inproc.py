@@ -59,9 +59,11 @@ class InprocEngineClient(EngineClient):
     async def started(self) -> None:
         await asyncio.shield(self._first)
 
-    async def submit(self, build: Callable[[int], records.Submit], deadline: float) -> RequestStream:
+    async def submit(
+        self, build: Callable[[int], records.Submit], ready_by: float, deadline: float
+    ) -> RequestStream:
         while self.state is EngineState.loading:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= ready_by:
                 raise EngineUnavailable(f"model '{self.model_id}' is not ready; retry shortly")
             await asyncio.sleep(0.005)
         if self.state is not EngineState.ready:

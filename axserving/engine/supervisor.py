@@ -86,8 +86,7 @@ class EngineSupervisor(EngineClient):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise EngineUnavailable(
-                    f"model '{self.model_id}' is not ready (engine {self.state.value}); retry shortly",
-                    headers={"Retry-After": "1"},
+                    f"model '{self.model_id}' is not ready (engine {self.state.value}); retry shortly"
                 )
             self._state_changed.clear()
             try:
@@ -95,9 +94,11 @@ class EngineSupervisor(EngineClient):
             except TimeoutError:
                 pass
 
-    async def submit(self, build: Callable[[int], records.Submit], deadline: float) -> RequestStream:
-        conn = await self.wait_ready(deadline)
-        return await conn.submit(build, deadline)
+    async def submit(
+        self, build: Callable[[int], records.Submit], ready_by: float, deadline: float
+    ) -> RequestStream:
+        conn = await self.wait_ready(ready_by)
+        return await conn.submit(build, ready_by, deadline)
 
     def stopping(self) -> None:
         self._stopping = True

@@ -13,8 +13,9 @@ from starlette.responses import Response
 
 from axserving import protocol
 from axserving.errors import PayloadTooLarge, ServiceUnavailable
-from axserving.generation import Job, generate
+from axserving.generation import Job, client_key, generate
 from axserving.responses import ChatShape, CompletionShape
+from axserving.scheduler import Priority
 from axserving.state import app_state
 from ipc.records import SamplingParams, Submit
 
@@ -61,6 +62,10 @@ async def _serve(
     if state.shutting_down:
         raise ServiceUnavailable("the server is shutting down")
     req = protocol.parse(await read_body(request, state.settings.rest.max_body_bytes), kind)
+    if req.priority is not None:
+        priority = Priority.parse(req.priority)
+    else:
+        priority = Priority.parse(request.headers.get("x-priority"), param="X-Priority")
     job = Job(
         endpoint=endpoint,
         model=req.model,
@@ -69,6 +74,8 @@ async def _serve(
         include_usage=protocol.include_usage(req),
         stream=req.stream,
         build=submit(req),
+        priority=priority,
+        client=client_key(request),
     )
     return await generate(request, state, job)
 

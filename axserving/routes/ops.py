@@ -86,6 +86,14 @@ async def admin_status(request: Request) -> Response:
             "pid": os.getpid(),
             "uptime_secs": int(time.monotonic() - state.started),
             "inflight": state.admitted,
+            "scheduler": {
+                "running": state.scheduler.inflight,
+                "waiting": len(state.scheduler.waiting),
+                "limit": state.scheduler.limit,
+                "rejected": state.scheduler.rejected,
+                "shed": state.scheduler.shed,
+                "queue_timeouts": state.scheduler.timed_out,
+            },
             "default_model": manager.default_model,
             "memory": {
                 "budget_bytes": manager.memory_budget,

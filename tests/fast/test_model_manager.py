@@ -64,7 +64,8 @@ async def generate(m: ModelManager, name: str | None, text: str = "a b c") -> st
     lease = m.acquire(name)
     try:
         stream = await lease.client.submit(
-            lambda rid: Submit(rid, SamplingParams(max_tokens=100), prompt=text), time.monotonic() + 10
+            lambda rid: Submit(rid, SamplingParams(max_tokens=100), prompt=text), time.monotonic() + 10,
+            time.monotonic() + 10,
         )
         out = []
         while (chunk := await stream.next()) is not None:
@@ -241,7 +242,8 @@ def test_reload_moves_new_requests_to_the_new_engine_and_drains_the_old() -> Non
         old_lease = m.acquire("one")
         old = old_lease.client
         stream = await old.submit(
-            lambda rid: Submit(rid, SamplingParams(max_tokens=100), prompt="w " * 40), time.monotonic() + 10
+            lambda rid: Submit(rid, SamplingParams(max_tokens=100), prompt="w " * 40), time.monotonic() + 10,
+            time.monotonic() + 10,
         )
         model = await m.reload("one")
         assert model.engine.client is not old and model.state is ModelState.ready

@@ -78,6 +78,7 @@ def test_engine_crash_non_streaming_is_503(tmp_path: Path) -> None:
         assert r.status_code == 503, r.text
         e = r.json()["error"]
         assert e["type"] == "engine_unavailable" and e["code"] == "engine_unavailable"
+        assert r.headers["retry-after"] == "1"  # defect 8: every 503 says when to come back
         server.wait_ready(20)
         r = httpx.post(
             server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
@@ -238,6 +239,7 @@ def test_engine_that_cannot_load_ends_failed(tmp_path: Path) -> None:
         r = httpx.post(server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
                        json={"model": "default", "messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == 503 and r.json()["error"]["type"] == "engine_unavailable"
+        assert r.headers["retry-after"] == "1"
 
 
 def test_engine_runs_niced(tmp_path: Path) -> None:
