@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from axserving.auth import BearerAuthMiddleware
 from axserving.config import Settings, from_json
 from axserving.engine.client import EngineClient, EngineState, StateListener
 from axserving.engine.supervisor import EngineSupervisor
+from axserving.generation import CLIENT_CLOSED
 from axserving.errors import APIError, MethodNotAllowed, NotFound, ServiceUnavailable
 from axserving.logs import setup_logging
 from axserving.metrics import Metrics, ModelsCollector, SchedulerCollector
@@ -49,6 +50,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 405:
         return _render(MethodNotAllowed(f"Method {request.method} not allowed on {request.url.path}"))
     return _render(APIError(str(exc.detail)))
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client left while sending its body: an ordinary end, not an error."""
+    log.debug("client left mid-body on %s %s", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -106,6 +113,7 @@ def create_app(settings: Settings, engines: ClientFactory | None = None) -> Star
         exception_handlers={
             APIError: _api_error,
             HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
             Exception: _unexpected,
         },
         lifespan=lifespan,

@@ -131,6 +131,10 @@ class EngineLoop:
             self.steps += 1
             self.tokens += sum(d.n_tokens for d in deltas)
             self.publish(deltas)
+            if backend.dropped:
+                for rid in backend.dropped:
+                    self.send(records.Failed(rid, "cancelled", "the request was cancelled"))
+                backend.dropped.clear()
         elif self._pending:
             self.publish([])  # retry what a full ring held back
             if self._pending:

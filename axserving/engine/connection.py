@@ -153,6 +153,14 @@ class EngineConnection:
             self.fatal_message = str(e)
             self.kill()
             return False
+        except Exception as e:
+            # A bug in dispatching: the rest of this batch is lost, so no stream of this engine
+            # can be trusted to finish. Fail them all now (through the death path) and restart.
+            log.exception("engine %s: dispatching its events failed; restarting it", self.model_id)
+            self.fatal_message = f"the front failed on the engine's events ({type(e).__name__}: {e})"
+            self.fail_all(EngineUnavailable(f"the model's engine was restarted ({self.fatal_message}); retry shortly"))
+            self.kill()
+            return False
         return True
 
     def _safety_drain(self) -> None:
@@ -254,7 +262,7 @@ class EngineConnection:
             raise EngineUnavailable("the model's engine is not running; retry shortly")
         if len(self._streams) >= FLAG_BITS:
             raise ServiceUnavailable("too many requests in flight on this engine; retry shortly")
-        rid = next(self._rids)
+        rid = self._next_rid()
         self.channel.reuse_slot(rid)
         record = build(rid)
         while not self._try_send(record):
@@ -266,6 +274,16 @@ class EngineConnection:
         stream = RequestStream(rid, self._abort, deadline)
         self._streams[rid] = stream
         return stream
+
+    def _next_rid(self) -> int:
+        """A fresh rid whose cancel bit (``rid % FLAG_BITS``) no live request shares: setting
+        one request's bit must never stop another (the caller keeps fewer than FLAG_BITS
+        requests live, so one is always free)."""
+        live = {r % FLAG_BITS for r in self._streams}
+        rid = next(self._rids)
+        while rid % FLAG_BITS in live:
+            rid = next(self._rids)
+        return rid
 
     def _try_send(self, record: records.Submit) -> bool:
         try:

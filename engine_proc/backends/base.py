@@ -49,6 +49,9 @@ class Backend(abc.ABC):
         # is bounded, one llama_decode of at most n_batch tokens, and the loop beats the
         # heartbeat between steps.)
         self.cancelled: Callable[[int], bool] = _never
+        # Requests the backend dropped by itself (their cancel bit was seen before their Abort):
+        # the loop tells the front about each, so that none is ever dropped silently.
+        self.dropped: list[int] = []
 
     @abc.abstractmethod
     def load(self) -> ModelInfo:

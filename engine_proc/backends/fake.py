@@ -88,6 +88,9 @@ class FakeBackend(Backend):
         if self._delay:
             time.sleep(self._delay)
         deltas: list[Delta] = []
+        for seq in [s for s in self._seqs.values() if self.cancelled(s.rid)]:
+            del self._seqs[seq.rid]  # as the real backend drops a cancelled prefill
+            self.dropped.append(seq.rid)
         for seq in list(self._seqs.values()):
             if seq.crash and seq.produced:
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -345,6 +345,7 @@ class LlamaCppBackend(Backend):
             raise RuntimeError("LlamaCppBackend.step() before load() or after close()")
         for seq in [s for s in self._running if s.pending > 1 and self.cancelled(s.rid)]:
             self._end(seq, keep_cache=False)  # cancelled mid-prefill; its Abort follows
+            self.dropped.append(seq.rid)
         self._admit()
         if not self._running:
             return []

@@ -86,3 +86,41 @@ def test_stats_carry_the_backends_preemptions(loop: tuple[FrontEnd, EngineLoop])
     engine.run_once()
     stats = [rec for rec in front.drain() if isinstance(rec, records.Stats)]
     assert stats and stats[-1].preemptions == 3
+
+
+def test_a_request_the_backend_drops_is_always_reported(loop: tuple[FrontEnd, EngineLoop]) -> None:
+    """Issue 11 defect 3, engine side: a cancel bit seen before any Abort ends the request with a
+    Failed record, never silently."""
+    front, engine = loop
+    engine.backend.cancelled = engine.channel.cancelled
+    submit(front, 7, 50)
+    submit(front, 8, 50)
+    engine.run_once()
+    front.cancel(7)  # the bit only: no Abort record follows
+    engine.run_once()
+    failed = [rec for rec in front.drain() if isinstance(rec, records.Failed)]
+    assert [(f.rid, f.code) for f in failed] == [(7, "cancelled")]
+    assert engine.backend.occupancy() == (1, 0)
+
+
+def test_a_cancel_bit_is_never_shared_by_two_live_requests() -> None:
+    """Issue 11 defect 3, front side: bits are indexed by rid % 4096, so request N + 4096 must
+    not be given while N lives (cancelling it dropped N, which then hung)."""
+    import asyncio
+    import itertools
+
+    from axserving.engine.connection import EngineConnection
+    from engine_proc.spec import BackendConfig as Config
+    from ipc.ring import FLAG_BITS
+
+    async def main() -> None:
+        conn = await EngineConnection.open("m", "fake", Config("fake://"), 1 << 16, 1 << 16, "info")
+        try:
+            conn._streams = {1: object(), FLAG_BITS + 2: object()}  # type: ignore[dict-item]
+            conn._rids = itertools.count(FLAG_BITS + 1)
+            assert conn._next_rid() == FLAG_BITS + 3  # slots 1 and 2 are taken by live requests
+            assert conn._next_rid() == FLAG_BITS + 4
+        finally:
+            conn._close_channel()
+
+    asyncio.run(main())

@@ -306,3 +306,25 @@ def test_engine_stats_reach_status_and_metrics(tmp_path: Path) -> None:
         engine = server.engine()
         assert engine["running"] == 0 and engine["steps"] >= 300 and engine["tokens"] >= 300
         assert 'axs_engine_running_sequences{model="default"} 0.0' in httpx.get(server.url + "/metrics").text
+
+
+def test_a_client_leaving_mid_body_is_a_quiet_end(tmp_path: Path) -> None:
+    """Issue 11 defect 9: each aborted upload was an unhandled ERROR with a traceback, twice."""
+    import socket
+
+    with run_server(tmp_path, "--backend", "fake") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Authorization: Bearer {server.api_key}\r\nContent-Length: 5000\r\n\r\n".encode()
+                    + b'{"messages": [{"role": "user", "content": "'
+                )
+                time.sleep(0.1)
+        time.sleep(0.5)
+        r = httpx.post(server.v1 + "/chat/completions", headers=server.headers(), timeout=30,
+                       json={"messages": [{"role": "user", "content": "still fine"}]})
+        assert r.status_code == 200
+        log = server.log()
+        assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
