@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -17,8 +18,8 @@ from axserving.auth import BearerAuthMiddleware
 from axserving.config import Settings, from_json
 from axserving.engine.client import EngineClient, EngineState, StateListener
 from axserving.engine.supervisor import EngineSupervisor
-from axserving.generation import CLIENT_CLOSED
 from axserving.errors import APIError, MethodNotAllowed, NotFound, ServiceUnavailable
+from axserving.generation import CLIENT_CLOSED
 from axserving.logs import setup_logging
 from axserving.metrics import Metrics, ModelsCollector, SchedulerCollector
 from axserving.middleware import ResponseHeadersMiddleware
@@ -27,6 +28,7 @@ from axserving.models.spec import ModelSpec
 from axserving.routes import routes
 from axserving.scheduler import Scheduler
 from axserving.state import AppState, json_response
+from ipc.lifetime import die_with_parent
 from ipc.ring import sweep_orphans
 
 log = logging.getLogger("axserving")
@@ -129,4 +131,7 @@ def create_app_from_env() -> Starlette:
         raise ServiceUnavailable(f"{SETTINGS_ENV} is not set; start the server with `axserving run`")
     settings = from_json(raw)
     setup_logging(settings.logging)
+    # Granian's main process gone (even SIGKILLed): this worker shuts down in order, its
+    # engines with it, rather than serve the port as an orphan beside a new server.
+    die_with_parent(signal.SIGTERM)
     return create_app(settings)

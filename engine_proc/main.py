@@ -20,26 +20,13 @@ from engine_proc.backends.base import Backend, RequestRejected
 from engine_proc.spec import EngineSpec
 from ipc import records
 from ipc.channel import EngineEnd
+from ipc.lifetime import die_with_parent
 
 log = logging.getLogger("axserving.engine")
 
 IDLE_WAIT_S = 0.25  # how often an idle engine beats and checks that its front is still there
 STATS_INTERVAL_S = 1.0
 PENDING_RETRY_S = 0.001  # how soon an idle engine retries events a full ring held back
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL us when the front dies (the front's sweep and this make orphans rare)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 class EngineLoop:
@@ -153,7 +140,7 @@ class EngineLoop:
 
 def engine_main(spec: EngineSpec) -> None:
     """Process target. Exit code 0 on a requested shutdown, 1 on a fatal error."""
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)  # the front gone: nothing left to serve
     if spec.nice:
         os.nice(spec.nice)
     # Ctrl-C, `timeout` and systemd signal the whole process group; the engine's life belongs to

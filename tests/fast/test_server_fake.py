@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from ipc.ring import pid_alive
 from tests.server import AXSERVING, REPO, leaked, run_server, shm_names, stop
 
 
@@ -328,3 +329,21 @@ def test_a_client_leaving_mid_body_is_a_quiet_end(tmp_path: Path) -> None:
         assert r.status_code == 200
         log = server.log()
         assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+
+
+def test_a_killed_main_process_takes_its_worker_and_engines_along(tmp_path: Path) -> None:
+    """Issue 11 defect 6: SIGKILL of Granian's main process left the worker serving the port."""
+    before = shm_names()
+    with run_server(tmp_path, "--backend", "fake") as server:
+        engine = server.engine_pid()
+        worker = server.status()["pid"]
+        assert engine and worker != server.proc.pid
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(5)
+        deadline = time.monotonic() + 15
+        while pid_alive(worker) or pid_alive(engine):
+            assert time.monotonic() < deadline, "the worker or the engine outlived the main process"
+            time.sleep(0.05)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(server.url + "/livez", timeout=1)
+    assert leaked(before) == set()
