@@ -26,7 +26,8 @@ log = logging.getLogger("axserving.engine")
 
 IDLE_WAIT_S = 0.25  # how often an idle engine beats and checks that its front is still there
 STATS_INTERVAL_S = 1.0
-PENDING_RETRY_S = 0.001  # how soon an idle engine retries events a full ring held back
+PENDING_RETRY_S = 0.001
+RECORDS_PER_TURN = 32  # requests taken in per loop turn, before the next step  # how soon an idle engine retries events a full ring held back
 
 
 class EngineLoop:
@@ -109,8 +110,14 @@ class EngineLoop:
         channel, backend = self.channel, self.backend
         channel.beat()
         self.report()
-        while (record := channel.recv()) is not None:
+        # A burst of submissions is taken a bounded number per turn, beating after each, so the
+        # running sequences keep stepping and the heartbeat stays fresh.
+        for _ in range(RECORDS_PER_TURN):
+            record = channel.recv()
+            if record is None:
+                break
             self.handle(record)
+            channel.beat()
             if not self.running:
                 return
         if backend.has_work():

@@ -98,6 +98,7 @@ class LlamaCppBackend(Backend):
         self._add_bos = False
         self._chat: Jinja2ChatFormatter | None = None
         self._piece_buf = ctypes.create_string_buffer(64)
+        self._max_piece = 1
         self._slots = SlotTable(max(1, config.max_batch))
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # in admission order
@@ -152,6 +153,7 @@ class LlamaCppBackend(Backend):
         self._bos = llama_cpp.llama_vocab_bos(self._vocab)
         self._add_bos = llama_cpp.llama_vocab_get_add_bos(self._vocab)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self._max_piece = self._longest_piece()
         self._chat = self._chat_formatter(llama.metadata)
 
         desc = ctypes.create_string_buffer(256)
@@ -198,6 +200,7 @@ class LlamaCppBackend(Backend):
     def submit(self, request: Submit) -> None:
         if request.params.max_tokens < 1:
             raise RequestRejected("invalid_request", "max_tokens must be at least 1")
+        self._check_size(request)
         if request.messages is not None:
             prompt, what = self._chat_tokens(request.messages), "messages"
         elif request.prompt is not None:
@@ -213,6 +216,30 @@ class LlamaCppBackend(Backend):
                 f"{what} resulted in {len(prompt)} tokens. Please reduce the length of the {what}.",
             )
         self._waiting.append(_Sequence(request.rid, request.params, prompt))
+
+    def _check_size(self, request: Submit) -> None:
+        """Refuse, before tokenizing, a prompt that cannot fit: no token is longer than the
+        vocabulary's longest piece, so text of more than n_ctx such pieces is over for sure.
+        (Tokenizing megabytes only to count them stalled the engine past its heartbeat.)"""
+        if request.prompt_ids is not None:
+            n, unit, what = len(request.prompt_ids) // 4, "tokens", "prompt"
+            limit = self._n_ctx
+        else:
+            if request.messages is not None:
+                n, what = sum(len(m.content.encode()) for m in request.messages), "messages"
+            else:
+                n, what = len((request.prompt or "").encode()), "prompt"
+            unit, limit = "bytes", self._n_ctx * self._max_piece
+        if n > limit:
+            raise RequestRejected(
+                "context_length_exceeded",
+                f"This model's maximum context length is {self._n_ctx} tokens. However, your {what} "
+                f"has {n} {unit}, more than {self._n_ctx} tokens can hold. Please reduce the length of the {what}.",
+            )
+
+    def _longest_piece(self) -> int:
+        """Bytes of the vocabulary's longest token (at load: one pass over the vocabulary)."""
+        return max((len(self._piece(t)) for t in range(self._n_vocab)), default=1) or 1
 
     def _chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
         if self._chat is None:

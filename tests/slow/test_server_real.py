@@ -114,6 +114,33 @@ def test_context_overflow_is_400(server: Server) -> None:
         assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_huge_prompts_are_refused_at_once_and_running_streams_carry_on(server: Server, oai: openai.OpenAI) -> None:
+    """Issue 11 defect 4: ten 7.8 MB prompts were tokenized whole, the engine missed its
+    heartbeat and was killed as hung, failing an unrelated stream."""
+    import concurrent.futures
+    import time
+
+    huge = "lighthouse " * 700_000  # 7.7 MB
+    pid = server.engine_pid()
+
+    def refuse() -> httpx.Response:
+        return httpx.post(server.v1 + "/chat/completions", headers=server.headers(), timeout=60,
+                          json={"messages": [{"role": "user", "content": huge}]})
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        stream = pool.submit(lambda: oai.chat.completions.create(
+            model="default", max_tokens=64, temperature=0, extra_body={"ignore_eos": True}, messages=QUESTION,
+        ))
+        started = time.monotonic()
+        refused = [f.result() for f in [pool.submit(refuse) for _ in range(5)]]
+        took = time.monotonic() - started
+        assert stream.result().usage.completion_tokens == 64  # type: ignore[union-attr]
+    for r in refused:
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert took < 10, took  # the bodies' upload and parse; no tokenizing of 7.7 MB
+    assert server.engine_pid() == pid  # never taken for hung
+
+
 def test_bad_input_never_500(server: Server) -> None:
     h = server.headers()
     cases = [
