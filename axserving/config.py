@@ -135,6 +135,8 @@ class EngineSettings(msgspec.Struct, **_STRICT):
     event_ring_bytes: RingBytes = 4 << 20
     nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
     heartbeat_timeout_secs: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    heartbeat_floor_secs: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    heartbeat_step_factor: Annotated[float, msgspec.Meta(ge=1)] = 4.0
 
 
 class AuthSettings(msgspec.Struct, **_STRICT):

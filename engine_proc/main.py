@@ -18,7 +18,7 @@ import time
 from engine_proc.backends import make_backend
 from engine_proc.backends.base import Backend, RequestRejected
 from engine_proc.spec import EngineSpec
-from ipc import records
+from ipc import fences, records
 from ipc.channel import EngineEnd
 from ipc.lifetime import die_with_parent
 
@@ -41,6 +41,8 @@ class EngineLoop:
         self.steps = 0
         self.tokens = 0
         self._next_stats = 0.0
+        self._max_step = 0.0  # slowest step since the last Stats (0 with native beats)
+        self.native_beats = False  # the backend beats inside its steps
 
     def front_alive(self) -> bool:
         return os.getppid() == self.spec.front_pid
@@ -101,9 +103,11 @@ class EngineLoop:
         self._next_stats = now + STATS_INTERVAL_S
         running, waiting = self.backend.occupancy()
         stats = records.Stats(
-            running, waiting, self.steps, self.tokens, self.merged_steps, self.backend.preemptions
+            running, waiting, self.steps, self.tokens, self.merged_steps, self.backend.preemptions,
+            self._max_step,
         )
-        self.channel.try_send(records.encode(stats))
+        if self.channel.try_send(records.encode(stats)):
+            self._max_step = 0.0
 
     def run_once(self) -> None:
         """One turn of the loop: requests in, one backend step, events out (or sleep)."""
@@ -121,7 +125,10 @@ class EngineLoop:
             if not self.running:
                 return
         if backend.has_work():
+            began = time.monotonic()
             deltas = backend.step()
+            if not self.native_beats:
+                self._max_step = max(self._max_step, time.monotonic() - began)
             self.steps += 1
             self.tokens += sum(d.n_tokens for d in deltas)
             self.publish(deltas)
@@ -167,10 +174,12 @@ def engine_main(spec: EngineSpec) -> None:
             log.exception("model load failed")
             channel.send(records.Fatal(f"model load failed: {type(e).__name__}: {e}"))
             sys.exit(1)
-        channel.send(
-            records.Ready(os.getpid(), info.backend, info.n_ctx, info.description)
-        )
+        callback = fences.native_heartbeat()
+        native = callback is not None and backend.native_heartbeat(callback, channel.heartbeat_address())
+        step_s = 0.0 if native else info.step_s
+        channel.send(records.Ready(os.getpid(), info.backend, info.n_ctx, info.description, step_s))
         loop = EngineLoop(spec, channel, backend)
+        loop.native_beats = native
         try:
             loop.run()
         except Exception as e:

@@ -10,6 +10,24 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <time.h>
+
+/* A heartbeat a native runtime can call while it computes (ggml's abort callback: between the
+ * nodes of a graph): store CLOCK_MONOTONIC in ns (Python's time.monotonic_ns) at `data`, an
+ * aligned u64 in a ring's header, and never ask to abort. No Python, no GIL: a few tens of ns. */
+static bool heartbeat(void *data) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    atomic_store_explicit((_Atomic uint64_t *)data, (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec,
+                          memory_order_relaxed);
+    return false;
+}
+
+static PyObject *heartbeat_callback(PyObject *self, PyObject *unused) {
+    return PyLong_FromVoidPtr((void *)heartbeat);
+}
 
 static PyObject *full(PyObject *self, PyObject *unused) {
     atomic_thread_fence(memory_order_seq_cst);
@@ -30,6 +48,8 @@ static PyMethodDef methods[] = {
     {"full", full, METH_NOARGS, "Sequentially consistent fence (orders stores before later loads)."},
     {"release", release, METH_NOARGS, "Release fence: earlier stores become visible before later ones."},
     {"acquire", acquire, METH_NOARGS, "Acquire fence: later loads happen after earlier ones."},
+    {"heartbeat_callback", heartbeat_callback, METH_NOARGS,
+     "Address of a C `bool (*)(void *u64)` that stores CLOCK_MONOTONIC ns there and returns false."},
     {NULL, NULL, 0, NULL},
 };
 

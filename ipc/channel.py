@@ -221,6 +221,9 @@ class EngineEnd:
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
 
+    def heartbeat_address(self) -> int:
+        return self.evt.heartbeat_address()
+
     def beat(self) -> None:
         """Tell the front this engine is alive (cheap: call it every step)."""
         self.evt.beat()

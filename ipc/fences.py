@@ -29,6 +29,11 @@ def _none() -> None:
 if _fence is None and WEAKLY_ORDERED:
     raise ImportError("ipc._fence (a C extension) is required on ARM: reinstall axserving with a C compiler")
 
+def native_heartbeat() -> int | None:
+    """Address of a C heartbeat callback (see ``ipc/_fence.c``), or None without the extension."""
+    return _fence.heartbeat_callback() if _fence is not None else None
+
+
 full: Callable[[], None] = _fence.full if _fence is not None else _none
 release: Callable[[], None] = _fence.release if (_fence is not None and WEAKLY_ORDERED) else _none
 acquire: Callable[[], None] = _fence.acquire if (_fence is not None and WEAKLY_ORDERED) else _none

@@ -105,6 +105,7 @@ class Ready(msgspec.Struct, tag=10, **_STRUCT):
     backend: str
     n_ctx: int
     description: str = ""
+    step_s: float = 0.0  # a full step's time, measured at load (0: unknown): sizes the hang watch
 
 
 class Step(msgspec.Struct, tag=11, **_STRUCT):
@@ -136,6 +137,7 @@ class Stats(msgspec.Struct, tag=14, **_STRUCT):
     tokens: int  # tokens generated since start
     merged_steps: int  # steps whose deltas waited for room in a full event ring
     preemptions: int = 0  # sequences preempted (KV cache full) and recomputed later
+    max_step_s: float = 0.0  # the slowest step since the last Stats
 
 
 ToEngine = Union[Submit, Abort, Shutdown, Blob]

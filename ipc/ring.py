@@ -32,6 +32,7 @@ event loop with work pending says "asleep" too, and rang for every record until 
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import secrets
@@ -187,6 +188,15 @@ class Ring:
     def beat(self) -> None:
         """Producer: I am alive (an aligned 8-byte store of CLOCK_MONOTONIC ns)."""
         self._u64[_HB] = time.monotonic_ns()
+
+    def heartbeat_address(self) -> int:
+        """Where the heartbeat lives in this process's mapping, for a native callback to store
+        into (valid while the ring is open: unregister the callback before :meth:`close`)."""
+        probe = ctypes.c_uint64.from_buffer(self._mm, _HB * 8)
+        try:
+            return ctypes.addressof(probe)
+        finally:
+            del probe  # no buffer export may outlive this call, or the mmap could not close
 
     def heartbeat_age(self) -> float:
         """Seconds since the producer last called :meth:`beat` (CLOCK_MONOTONIC is system-wide)."""

@@ -9,6 +9,7 @@ within milliseconds.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import multiprocessing
@@ -32,7 +33,8 @@ from ipc.ring import FLAG_BITS, RingError
 log = logging.getLogger("axserving.engine")
 
 _SEND_RETRY_S = 0.002
-_SAFETY_DRAIN_S = 0.2  # re-check the event ring this often, in case a wake-up was ever lost
+_SAFETY_DRAIN_S = 0.2
+_HEARTBEAT_CHECK_S = 0.1  # re-check the event ring this often, in case a wake-up was ever lost
 
 
 class EngineConnection:
@@ -93,6 +95,9 @@ class EngineConnection:
         self._exit_fd = -1
         self.safety_drains = 0
         self.stats: records.Stats | None = None
+        self._hb = (30.0, 1.0, 30.0)  # floor, factor, cap: set by watch_heartbeat
+        self._warm_step = 0.0
+        self._recent_steps: collections.deque[float] = collections.deque(maxlen=60)
 
     @property
     def pid(self) -> int | None:
@@ -187,12 +192,14 @@ class EngineConnection:
             if failed is not None:
                 failed.fail(from_engine_failure(record.code, record.message))
         elif isinstance(record, records.Ready):
+            self._warm_step = record.step_s
             if not self.ready.done():
                 self.ready.set_result(record)
             # The engine unlinked the names on attach; make sure even if it did not.
             self.channel.unlink()
         elif isinstance(record, records.Stats):
             self.stats = record
+            self._recent_steps.append(record.max_step_s)
         elif isinstance(record, records.Fatal):
             self.fatal_message = record.message
             log.error("engine %s reported a fatal error: %s", self.model_id, record.message)
@@ -223,25 +230,40 @@ class EngineConnection:
         if not self.died.done():
             self.died.set_result(code)
 
-    def watch_heartbeat(self, timeout: float) -> None:
-        """Kill the engine if its heartbeat gets older than ``timeout`` (SIGSTOP, a stuck call).
+    def heartbeat_limit(self) -> float:
+        """How old the heartbeat may get: ``factor`` times the slowest step this engine is known
+        to take (its warm-up step, and the slowest of the last minute's), never under ``floor``
+        nor over ``cap``. A small model's hang is found in seconds; a big model's long prefill
+        chunk is not taken for one."""
+        floor, factor, cap = self._hb
+        slowest = max(self._warm_step, max(self._recent_steps, default=0.0))
+        return min(cap, max(floor, factor * slowest))
 
-        The kill goes through the ordinary death path: requests fail, the supervisor restarts.
-        """
-        interval = min(1.0, timeout / 4)
+    def heartbeat_stale(self) -> bool:
+        """Past half the limit: shown in /health (and not ready) before the kill."""
+        return not self._closed and self.heartbeat_age() > self.heartbeat_limit() / 2
+
+    def heartbeat_age(self) -> float:
+        return self.channel.heartbeat_age()
+
+    def watch_heartbeat(self, floor: float, factor: float, cap: float) -> None:
+        """Kill the engine once its heartbeat is older than :meth:`heartbeat_limit` (SIGSTOP, a
+        stuck native call). The kill goes through the ordinary death path: requests fail at
+        once, the supervisor restarts the engine."""
+        self._hb = (floor, factor, cap)
 
         def check() -> None:
             if self._closed or self.died.done():
                 return
-            age = self.channel.heartbeat_age()
-            if age > timeout:
-                self.fatal_message = f"engine hung: no heartbeat for {age:.1f}s (limit {timeout:g}s)"
+            age, limit = self.channel.heartbeat_age(), self.heartbeat_limit()
+            if age > limit:
+                self.fatal_message = f"engine hung: no heartbeat for {age:.1f}s (limit {limit:.1f}s)"
                 log.error("model %s: %s; killing pid %s", self.model_id, self.fatal_message, self.pid)
                 self.kill()
                 return
-            self._watchdog = self._loop.call_later(interval, check)
+            self._watchdog = self._loop.call_later(_HEARTBEAT_CHECK_S, check)
 
-        self._watchdog = self._loop.call_later(interval, check)
+        self._watchdog = self._loop.call_later(_HEARTBEAT_CHECK_S, check)
 
     def _reap(self, tries: int) -> None:
         assert self.process is not None

@@ -137,6 +137,9 @@ class EngineSupervisor(EngineClient):
             "merged_steps": stats.merged_steps if stats else 0,
             "preemptions": stats.preemptions if stats else 0,
             "safety_drains": conn.safety_drains if conn is not None else 0,
+            "heartbeat_age_secs": round(conn.heartbeat_age(), 3) if conn is not None else None,
+            "heartbeat_limit_secs": round(conn.heartbeat_limit(), 3) if conn is not None else None,
+            "stale": conn.heartbeat_stale() if conn is not None else False,
         }
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -202,7 +205,8 @@ class EngineSupervisor(EngineClient):
                     "model %s: engine pid %s ready (%s, n_ctx %d) in %.2fs",
                     self.model_id, conn.pid, self.info.backend, self.info.n_ctx, time.monotonic() - started,
                 )
-                conn.watch_heartbeat(self.settings.heartbeat_timeout_secs)
+                s = self.settings
+                conn.watch_heartbeat(s.heartbeat_floor_secs, s.heartbeat_step_factor, s.heartbeat_timeout_secs)
                 self._set_state(EngineState.ready)
                 self._first_outcome(None)
             code = await conn.died

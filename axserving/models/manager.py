@@ -55,6 +55,7 @@ class ModelState(str, enum.Enum):
     ready = "ready"
     restarting = "restarting"
     failed = "failed"
+    unresponsive = "unresponsive"  # ready, but its heartbeat is late: a hang is suspected
     unloading = "unloading"
 
 
@@ -99,6 +100,8 @@ class Model:
         state = self.engine.client.state
         if self.unloading or state is EngineState.stopped:
             return ModelState.unloading
+        if state is EngineState.ready and self.engine.client.snapshot().get("stale"):
+            return ModelState.unresponsive
         return ModelState(state.value)
 
     def engines(self) -> Iterator[Engine]:

@@ -28,6 +28,7 @@ class ModelInfo:
     backend: str
     n_ctx: int
     description: str = ""
+    step_s: float = 0.0  # how long a full step takes (measured at load; 0: unknown)
 
 
 class RequestRejected(Exception):
@@ -76,6 +77,13 @@ class Backend(abc.ABC):
     #: Sequences preempted since load because the KV cache was full (their tokens are
     #: recomputed when they run again). Backends without a bounded cache leave it at 0.
     preemptions: int = 0
+
+    def native_heartbeat(self, callback: int, address: int) -> bool:
+        """Install ``callback`` (a C ``bool (*)(void *)``, see ``ipc/_fence.c``) for the runtime to
+        call with ``address`` while it computes, so the heartbeat beats inside long native calls;
+        True if the backend can. Without it the loop beats between steps only, and the front's
+        hang limit follows the step times the loop reports."""
+        return False
 
     def occupancy(self) -> tuple[int, int]:
         """(running, waiting) sequences, for the engine's stats."""

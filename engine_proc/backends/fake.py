@@ -49,7 +49,7 @@ class FakeBackend(Backend):
         self._delay = float(self.config.option("delay_ms", "2")) / 1000
         self._seqs: dict[int, _Seq] = {}  # running
         self._waiting: deque[_Seq] = deque()
-        return ModelInfo(backend=self.name, n_ctx=self.config.n_ctx, description="echo test double")
+        return ModelInfo(backend=self.name, n_ctx=self.config.n_ctx, description="echo test double", step_s=self._delay)
 
     def submit(self, request: Submit) -> None:
         if request.messages is not None:

@@ -99,6 +99,7 @@ class LlamaCppBackend(Backend):
         self._chat: Jinja2ChatFormatter | None = None
         self._piece_buf = ctypes.create_string_buffer(64)
         self._max_piece = 1
+        self._beat_cb: object = None  # the ctypes callback object, kept alive while installed
         self._slots = SlotTable(max(1, config.max_batch))
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # in admission order
@@ -167,6 +168,13 @@ class LlamaCppBackend(Backend):
             llama_cpp.llama_n_ctx(self._ctx), self._n_batch, n_threads,
         )
         return ModelInfo(backend=self.name, n_ctx=self._n_ctx, description=description)
+
+    def native_heartbeat(self, callback: int, address: int) -> bool:
+        # ggml calls this between the nodes of every graph it computes: the heartbeat keeps
+        # beating through a long prefill chunk, and stops if a kernel hangs or we are stopped.
+        self._beat_cb = llama_cpp.ggml_abort_callback(callback)
+        llama_cpp.llama_set_abort_callback(self._ctx, self._beat_cb, ctypes.c_void_p(address))
+        return True
 
     def _chat_formatter(self, metadata: dict[str, str]) -> Jinja2ChatFormatter | None:
         template = metadata.get("tokenizer.chat_template")

@@ -114,7 +114,10 @@ def test_models_and_unprefixed_routes(client: TestClient) -> None:
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["default"]
     assert {"id", "object", "created", "owned_by"} <= set(body["data"][0])
-    assert client.get("/models").json() == body
+    unprefixed = client.get("/models").json()
+    for m in (*body["data"], *unprefixed["data"]):
+        del m["engine"]  # live figures (heartbeat age) differ from one call to the next
+    assert unprefixed == body
     r = client.post("/chat/completions", json={"model": "default", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +20,11 @@ pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
-def signal_engine_mid_stream(oai: openai.OpenAI, pid: int, sig: signal.Signals) -> openai.APIError:
-    """Start a long stream, send ``sig`` to the engine after 3 tokens; the error that ends it."""
+def signal_engine_mid_stream(
+    oai: openai.OpenAI, pid: int, sig: signal.Signals, sent_at: list[float] | None = None
+) -> openai.APIError:
+    """Start a long stream, send ``sig`` to the engine after 3 tokens (its time appended to
+    ``sent_at``); the error that ends it."""
     stream = oai.chat.completions.create(
         model="default", stream=True, max_tokens=400, temperature=0.7, extra_body={"ignore_eos": True},
         messages=[{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}],
@@ -32,6 +36,8 @@ def signal_engine_mid_stream(oai: openai.OpenAI, pid: int, sig: signal.Signals) 
                 got += 1
                 if got == 3:
                     os.kill(pid, sig)
+                    if sent_at is not None:
+                        sent_at.append(time.monotonic())
     return info.value
 
 
@@ -171,19 +177,41 @@ def test_engine_sigkill_mid_stream_recovers(server: Server, oai: openai.OpenAI) 
     assert leaked(before, server.group_pids()) == set()
 
 
-def test_engine_hung_with_sigstop_is_replaced(default_model: Path, tmp_path: Path) -> None:
-    """Issue 3: an engine hung with SIGSTOP is detected, killed and restarted; the next request
-    succeeds."""
+def test_engine_hung_with_sigstop_is_found_in_seconds_and_replaced(default_model: Path, tmp_path: Path) -> None:
+    """At the default settings, a SIGSTOPped engine is found within 3 s (its heartbeat limit
+    follows its own step time, never under 2 s; it was 30 s), /health says so meanwhile, its
+    stream ends with a clean error, and a new engine serves the next request."""
+    import threading
+
     before = shm_names()
-    env = {"AXS_ENGINE_HEARTBEAT_TIMEOUT_SECS": "3"}
     with run_server(tmp_path, "--model", str(default_model), "--threads", "2", "--ctx-size", "2048",
-                    env=env, ready_timeout=180) as s:
+                    ready_timeout=180) as s:
         oai = openai.OpenAI(base_url=s.v1, api_key=s.api_key, max_retries=0, timeout=120)
         pid = s.engine_pid()
         assert pid
-        error = signal_engine_mid_stream(oai, pid, signal.SIGSTOP)
+        assert s.engine()["heartbeat_limit_secs"] == 2.0  # SmolLM2's full step is ~0.1-0.3 s
+        states: list[str] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                states.append(s.health()["models"][0]["state"])
+                time.sleep(0.1)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        sent_at: list[float] = []
+        try:
+            error = signal_engine_mid_stream(oai, pid, signal.SIGSTOP, sent_at)
+            found_after = time.monotonic() - sent_at[0]
+        finally:
+            stop.set()
+            watcher.join()
         assert "hung" in str(error.message)
+        assert found_after < 3.0, found_after
+        assert "unresponsive" in states, states
         s.wait_ready(120, previous_pid=pid)
         r = oai.chat.completions.create(model="default", messages=QUESTION, temperature=0, max_tokens=48)
         assert "paris" in (r.choices[0].message.content or "").lower()
     assert leaked(before) == set()
+
