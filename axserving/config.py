@@ -131,6 +131,7 @@ class EngineSettings(msgspec.Struct, **_STRICT):
     max_restarts: NonNegative = 5
     restart_backoff_ms: NonNegative = 250
     restart_backoff_max_ms: NonNegative = 16_000
+    circuit_cooldown_secs: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     request_ring_bytes: RingBytes = 4 << 20
     event_ring_bytes: RingBytes = 4 << 20
     nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10

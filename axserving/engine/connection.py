@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import itertools
 import logging
 import multiprocessing
@@ -18,11 +19,14 @@ import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
+import msgspec
+
 from axserving.engine.stream import RequestStream
 from axserving.errors import (
     APIError,
     EngineUnavailable,
     ServiceUnavailable,
+    UnprocessableRequest,
     from_engine_failure,
 )
 from engine_proc.spec import BackendConfig, EngineSpec, run_engine
@@ -94,6 +98,7 @@ class EngineConnection:
         self._pidfd: int | None = None
         self._exit_fd = -1
         self.safety_drains = 0
+        self.in_flight_fingerprints: list[bytes] = []  # of the requests running when it died
         self.stats: records.Stats | None = None
         self._hb = (30.0, 1.0, 30.0)  # floor, factor, cap: set by watch_heartbeat
         self._warm_step = 0.0
@@ -222,6 +227,7 @@ class EngineConnection:
             self._loop.call_later(0.01, self._reap, 100)
         exited = f"engine process exited with code {code}" if code is not None else "engine process died"
         reason = self.fatal_message or exited
+        self.in_flight_fingerprints = [s.fingerprint for s in self._streams.values()]
         self.fail_all(EngineUnavailable(f"the model's engine stopped ({reason}); retry shortly"))
         self._close_channel()
         if not self.ready.done():
@@ -278,15 +284,24 @@ class EngineConnection:
         build: Callable[[int], records.Submit],
         ready_by: float,
         deadline: float,
+        refuse: Callable[[bytes], bool] | None = None,
     ) -> RequestStream:
-        """``ready_by`` bounds the wait for room in the request ring; ``deadline`` the request."""
+        """``ready_by`` bounds the wait for room in the request ring; ``deadline`` the request.
+        ``refuse(fingerprint)`` true: the request crashed engines before, and is refused."""
         if self._closed or self.died.done():
             raise EngineUnavailable("the model's engine is not running; retry shortly")
         if len(self._streams) >= FLAG_BITS:
             raise ServiceUnavailable("too many requests in flight on this engine; retry shortly")
+        record = build(0)
+        fingerprint = hashlib.blake2b(records.encode(record), digest_size=16).digest()
+        if refuse is not None and refuse(fingerprint):
+            raise UnprocessableRequest(
+                "this request was in flight each time the model's engine crashed, twice; it is refused",
+                code="request_crashed_engine",
+            )
         rid = self._next_rid()
         self.channel.reuse_slot(rid)
-        record = build(rid)
+        record = msgspec.structs.replace(record, rid=rid)
         while not self._try_send(record):
             if time.monotonic() > ready_by:
                 raise ServiceUnavailable("the engine's request ring stayed full; try again later")
@@ -294,6 +309,7 @@ class EngineConnection:
             if self._closed:
                 raise EngineUnavailable("the model's engine stopped; retry shortly")
         stream = RequestStream(rid, self._abort, deadline)
+        stream.fingerprint = fingerprint
         self._streams[rid] = stream
         return stream
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,9 @@ from ipc import records
 
 log = logging.getLogger("axserving.supervisor")
 
-STABLE_AFTER_S = 60.0  # an engine up this long counts as healthy: reset the failure count
+STABLE_AFTER_S = 60.0  # an engine up this long counts as healthy: reset the crash backoff
+POISON_CRASHES = 2  # a request in flight at this many engine deaths is refused from then on
+_MAX_SUSPECTS = 1024
 
 
 __all__ = ["EngineState", "EngineSupervisor"]
@@ -53,6 +56,8 @@ class EngineSupervisor(EngineClient):
         self._state_changed = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._suspects: dict[bytes, int] = {}  # request fingerprint -> engine deaths it was in
+        self._reopen_at = 0.0  # when an open circuit tries again
         # The first incarnation's outcome: ready, or why it could not start.
         self._first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -79,9 +84,11 @@ class EngineSupervisor(EngineClient):
             if self.state is EngineState.ready and self.conn is not None:
                 return self.conn
             if self.state in (EngineState.failed, EngineState.stopped):
+                retry = max(1, math.ceil(self._reopen_at - time.monotonic()))
                 raise EngineUnavailable(
                     f"model '{self.model_id}' is unavailable: engine {self.state.value}"
-                    + (f" ({self.last_error})" if self.last_error else "")
+                    + (f" ({self.last_error})" if self.last_error else ""),
+                    headers={"Retry-After": str(retry)},
                 )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -98,7 +105,7 @@ class EngineSupervisor(EngineClient):
         self, build: Callable[[int], records.Submit], ready_by: float, deadline: float
     ) -> RequestStream:
         conn = await self.wait_ready(ready_by)
-        return await conn.submit(build, ready_by, deadline)
+        return await conn.submit(build, ready_by, deadline, refuse=self._is_poison)
 
     def stopping(self) -> None:
         self._stopping = True
@@ -117,6 +124,15 @@ class EngineSupervisor(EngineClient):
             except asyncio.CancelledError:
                 pass
         self._set_state(EngineState.stopped)
+
+    def _remember(self, fingerprints: list[bytes]) -> None:
+        for fp in fingerprints:
+            self._suspects[fp] = self._suspects.pop(fp, 0) + 1
+        while len(self._suspects) > _MAX_SUSPECTS:
+            del self._suspects[next(iter(self._suspects))]
+
+    def _is_poison(self, fingerprint: bytes) -> bool:
+        return self._suspects.get(fingerprint, 0) >= POISON_CRASHES
 
     def snapshot(self) -> dict[str, Any]:
         conn = self.conn if self.state is EngineState.ready else None
@@ -172,8 +188,8 @@ class EngineSupervisor(EngineClient):
             self._first_outcome(EngineUnavailable(self.last_error))
 
     async def _run(self) -> None:
-        failures = 0
-        backoff_ms = self.settings.restart_backoff_ms
+        start_failures = 0  # consecutive incarnations that never got ready
+        crashes = 0  # consecutive quick deaths after a good start
         while not self._stopping:
             conn = await EngineConnection.open(
                 self.model_id,
@@ -210,25 +226,37 @@ class EngineSupervisor(EngineClient):
                 self._set_state(EngineState.ready)
                 self._first_outcome(None)
             code = await conn.died
-            if self.state is not EngineState.ready:
+            was_ready = self.state is EngineState.ready
+            if not was_ready:
                 self._first_outcome(EngineUnavailable(self.last_error or f"engine exited with code {code}"))
             if self._stopping:
                 break
             up_for = time.monotonic() - started
-            if self.state is EngineState.ready:
+            if was_ready:
+                # A crash after a good start: restart (with backoff if it keeps happening), and
+                # remember what was in flight, so a request that crashes it again is refused.
+                # The circuit is about engines that cannot start, not about poison requests.
                 self.last_error = conn.fatal_message or f"engine exited with code {code}"
                 log.error("model %s: engine died after %.1fs: %s", self.model_id, up_for, self.last_error)
-            if up_for >= STABLE_AFTER_S and self.state is EngineState.ready:
-                failures = 0
-                backoff_ms = self.settings.restart_backoff_ms
-            failures += 1
-            if failures > self.settings.max_restarts:
-                log.error("model %s: %d consecutive engine failures; giving up", self.model_id, failures)
+                self._remember(conn.in_flight_fingerprints)
+                start_failures = 0
+                crashes = 1 if up_for >= STABLE_AFTER_S else crashes + 1
+                n = crashes
+            else:
+                start_failures += 1
+                n = start_failures
+            if start_failures > self.settings.max_restarts:
+                log.error("model %s: %d consecutive failed starts; circuit open for %gs", self.model_id,
+                          start_failures, self.settings.circuit_cooldown_secs)
                 self._set_state(EngineState.failed)
-                return
+                self._reopen_at = time.monotonic() + self.settings.circuit_cooldown_secs
+                await asyncio.sleep(self.settings.circuit_cooldown_secs)
+                start_failures = self.settings.max_restarts  # half-open: one trial start
+                n = 1
             self._set_state(EngineState.restarting)
             self.restarts += 1
-            delay = backoff_ms / 1000 if failures > 1 else 0.0  # first restart at once
-            if failures > 1:
-                backoff_ms = min(backoff_ms * 2, self.settings.restart_backoff_max_ms)
+            # The first restart at once, then doubling delays.
+            delay = 0.0 if n <= 1 else min(
+                self.settings.restart_backoff_ms * 2 ** (n - 2), self.settings.restart_backoff_max_ms
+            ) / 1000
             await asyncio.sleep(delay)

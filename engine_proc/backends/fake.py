@@ -5,7 +5,8 @@ step) and queues the rest in order, so tests see real interleaving across the ri
 
 - ``delay_ms``: sleep this long in every step (default 2), to make streams observable;
 - ``load_delay_ms``: sleep this long in :meth:`load`;
-- ``fail_load``: ``1`` makes :meth:`load` raise.
+- ``fail_load``: ``1`` makes :meth:`load` raise;
+- ``fail_load_while``: a path; :meth:`load` raises while it exists (a fault that clears).
 
 Markers in the prompt text drive failures on demand:
 
@@ -45,6 +46,9 @@ class FakeBackend(Backend):
     def load(self) -> ModelInfo:
         if self.config.option("fail_load") == "1":
             raise RuntimeError("fake backend told to fail loading")
+        while_path = self.config.option("fail_load_while")
+        if while_path and os.path.exists(while_path):
+            raise RuntimeError(f"fake backend told to fail loading while {while_path} exists")
         time.sleep(float(self.config.option("load_delay_ms", "0")) / 1000)
         self._delay = float(self.config.option("delay_ms", "2")) / 1000
         self._seqs: dict[int, _Seq] = {}  # running
