@@ -27,6 +27,7 @@ from axserving.models.manager import ClientFactory, ModelManager
 from axserving.models.spec import ModelSpec
 from axserving.routes import routes
 from axserving.scheduler import Scheduler
+from axserving.shutdown import WorkerShutdown
 from axserving.state import AppState, json_response
 from ipc.lifetime import die_with_parent
 from ipc.ring import sweep_orphans
@@ -77,8 +78,9 @@ def engine_processes(settings: Settings) -> ClientFactory:
     return make
 
 
-def create_app(settings: Settings, engines: ClientFactory | None = None) -> Starlette:
-    """``engines`` makes each model's engine client (default: engine processes)."""
+def create_app(settings: Settings, engines: ClientFactory | None = None, own_signals: bool = False) -> Starlette:
+    """``engines`` makes each model's engine client (default: engine processes). ``own_signals``
+    (in Granian's worker): SIGTERM/SIGINT start the bounded drain of :mod:`axserving.shutdown`."""
     metrics = Metrics()
 
     def on_engine_event(model_id: str, engine_state: EngineState) -> None:
@@ -98,6 +100,8 @@ def create_app(settings: Settings, engines: ClientFactory | None = None) -> Star
             log.warning("removed %d shared-memory names left by dead processes", len(removed))
         try:
             await manager.start()
+            if own_signals:
+                WorkerShutdown(state).install()
             names = ", ".join(f"{m.id} ({m.spec.backend})" for m in manager)
             log.info("axserving front pid %d: serving %s", os.getpid(), names or "no model yet")
             yield
@@ -134,4 +138,4 @@ def create_app_from_env() -> Starlette:
     # Granian's main process gone (even SIGKILLed): this worker shuts down in order, its
     # engines with it, rather than serve the port as an orphan beside a new server.
     die_with_parent(signal.SIGTERM)
-    return create_app(settings)
+    return create_app(settings, own_signals=True)

@@ -145,9 +145,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from granian.server import Server
 
     from axserving.app import SETTINGS_ENV
+    from axserving.shutdown import FORCE_SIGNAL
 
     os.environ[SETTINGS_ENV] = to_json(settings).decode()
-    server = Server(
+
+    class _Server(Server):  # type: ignore[misc,valid-type]
+        """A second interrupt forces the worker's exit instead of waiting for its drain."""
+
+        interrupts = 0
+
+        def signal_handler_interrupt(self, *args: Any, **kwargs: Any) -> None:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                for worker in list(self.wrks):
+                    pid = getattr(worker.inner, "pid", None)
+                    if pid:
+                        os.kill(pid, FORCE_SIGNAL)
+            super().signal_handler_interrupt(*args, **kwargs)
+
+    server = _Server(
         "axserving.app:create_app_from_env",
         address=settings.rest.host,
         port=settings.rest.port,
@@ -157,6 +173,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         factory=True,
         log_level=LogLevels(settings.logging.level.value),
         log_access=False,
+        # A backstop only: the worker bounds its own drain (axserving.shutdown).
+        workers_kill_timeout=int(settings.lifecycle.drain_timeout_secs) + 15,
     )
     server.serve()
     return 0

@@ -50,6 +50,11 @@ class ContextLengthExceeded(InvalidRequest):
     default_code = "context_length_exceeded"
 
 
+class BodyTimeout(InvalidRequest):
+    status = 408
+    default_code = "body_timeout"
+
+
 class PayloadTooLarge(InvalidRequest):
     status = 413
     default_code = "request_too_large"

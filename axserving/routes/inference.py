@@ -6,13 +6,15 @@ everything after that is :func:`axserving.generation.generate`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from axserving import protocol
-from axserving.errors import PayloadTooLarge, ServiceUnavailable
+from axserving.config import RestSettings
+from axserving.errors import BodyTimeout, PayloadTooLarge, ServiceUnavailable
 from axserving.generation import Job, client_key, generate
 from axserving.responses import ChatShape, CompletionShape
 from axserving.scheduler import Priority
@@ -20,18 +22,26 @@ from axserving.state import app_state
 from ipc.records import SamplingParams, Submit
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) past ``limit`` bytes without reading the rest into memory."""
+async def read_body(request: Request, rest: RestSettings) -> bytes:
+    """The body, refusing (413) past ``max_body_bytes`` without reading the rest into memory,
+    and (408) if it is not all there within ``body_timeout_secs``."""
+    limit = rest.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
     parts: list[bytes] = []
     size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        parts.append(part)
+    try:
+        async with asyncio.timeout(rest.body_timeout_secs):
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                parts.append(part)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body was not complete within {rest.body_timeout_secs:g}s ({size} bytes came)"
+        ) from None
     return b"".join(parts)
 
 
@@ -61,7 +71,7 @@ async def _serve(
     state = app_state(request)
     if state.shutting_down:
         raise ServiceUnavailable("the server is shutting down")
-    req = protocol.parse(await read_body(request, state.settings.rest.max_body_bytes), kind)
+    req = protocol.parse(await read_body(request, state.settings.rest), kind)
     if req.priority is not None:
         priority = Priority.parse(req.priority)
     else:

@@ -70,7 +70,7 @@ async def load_model(request: Request) -> Response:
     state = app_state(request)
     if state.shutting_down:
         raise ServiceUnavailable("the server is shutting down")
-    req = protocol.parse(await read_body(request, state.settings.rest.max_body_bytes), LoadRequest)
+    req = protocol.parse(await read_body(request, state.settings.rest), LoadRequest)
     model = await state.models.load(to_config(req))
     return json_response(model.describe(private=True), status=201)
 

@@ -93,11 +93,15 @@ def test_a_dispatch_bug_in_the_front_fails_the_engines_streams_and_restarts_it(
         while c.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        def engine() -> dict[str, Any]:
+            return c.get("/v1/admin/status").json()["models"][0]["engine"]  # type: ignore[no-any-return]
+
+        old_pid = engine()["pid"]
         started = time.monotonic()
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x y boom z"}]})
         assert r.status_code == 503 and r.json()["error"]["type"] == "engine_unavailable", r.text
         assert time.monotonic() - started < 5  # failed at once, not at the request timeout
-        while c.get("/readyz").status_code != 200:
+        while not (engine()["state"] == "ready" and engine()["pid"] not in (None, old_pid)):
             assert time.monotonic() < deadline + 20
             time.sleep(0.05)
         ok = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "fine now"}]})

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from ipc.ring import pid_alive
@@ -391,3 +392,96 @@ def _cooldown_config(tmp_path: Path, secs: float) -> Path:
     path = tmp_path / "cooldown.yaml"
     path.write_text(f"engine: {{circuit_cooldown_secs: {secs}}}\n")
     return path
+
+
+def _stream_words(server, words: int, out: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """The stream's data frames into ``out``; "(cut)" last if the connection was cut."""
+    try:
+        with httpx.stream("POST", server.v1 + "/chat/completions", headers=server.headers(), timeout=60,
+                          json={"stream": True, "messages": [{"role": "user", "content": "w " * words}]}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out.append(line[6:])
+    except httpx.HTTPError:
+        out.append("(cut)")
+
+
+def test_sigterm_lets_a_stream_finish_and_refuses_new_work(tmp_path: Path) -> None:
+    import threading
+
+    before = shm_names()
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=10") as server:
+        frames: list[str] = []
+        t = threading.Thread(target=_stream_words, args=(server, 150, frames))  # 1.5 s
+        t.start()
+        time.sleep(0.4)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert httpx.get(server.url + "/readyz").status_code == 503  # at once
+        r = httpx.post(server.v1 + "/chat/completions", headers=server.headers(), timeout=10,
+                       json={"messages": [{"role": "user", "content": "late"}]})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        t.join(30)
+        assert server.proc.wait(20) == 0, server.log()
+        assert frames[-1] == "[DONE]" and "error" not in frames[-2]  # it finished normally
+        text = "".join(orjson.loads(f)["choices"][0]["delta"].get("content") or "" for f in frames[:-1])
+        assert text == "w " * 150
+    assert leaked(before) == set()
+
+
+def test_sigterm_drain_is_bounded_and_a_second_signal_forces(tmp_path: Path) -> None:
+    import threading
+
+    before = shm_names()
+    env = {"AXS_DRAIN_TIMEOUT_SECS": "1"}
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=10", env=env) as server:
+        frames: list[str] = []
+        t = threading.Thread(target=_stream_words, args=(server, 2000, frames))  # 20 s
+        t.start()
+        time.sleep(0.4)
+        sent = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(15) == 0, server.log()
+        took = time.monotonic() - sent
+        t.join(10)
+        assert 1.0 <= took < 5.0, took  # the drain timeout, not the stream's 20 s
+        assert frames[-1] == "[DONE]" and "engine_unavailable" in frames[-2]
+    assert leaked(before) == set()
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=10") as server:
+        frames = []
+        t = threading.Thread(target=_stream_words, args=(server, 2000, frames))
+        t.start()
+        time.sleep(0.4)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        sent = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(10)
+        assert time.monotonic() - sent < 3.0  # at once, not after the 30 s drain
+        t.join(10)
+    assert leaked(before) == set()
+
+
+def test_half_sent_bodies_time_out(tmp_path: Path) -> None:
+    """Issue 11 defect 7: 900 half-sent bodies were held for 75 s."""
+    import socket
+
+    with run_server(tmp_path, "--backend", "fake", env={"AXS_BODY_TIMEOUT_SECS": "1"}) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        socks = []
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {server.api_key}\r\nContent-Length: 500\r\n\r\n".encode() + b'{"mess'
+            )
+            socks.append(sock)
+        started = time.monotonic()
+        replies = []
+        for sock in socks:
+            sock.settimeout(5)
+            replies.append(sock.recv(4096))
+            sock.close()
+        assert time.monotonic() - started < 3
+        assert all(r.startswith(b"HTTP/1.1 408") and b"body_timeout" in r for r in replies), replies[:2]
+        assert server.status()["inflight"] == 0
