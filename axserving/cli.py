@@ -141,6 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
     from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels
     from granian.server import Server
 
@@ -173,6 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         factory=True,
         log_level=LogLevels(settings.logging.level.value),
         log_access=False,
+        http1_settings=HTTP1Settings(header_read_timeout=int(settings.rest.header_timeout_secs * 1000)),
         # A backstop only: the worker bounds its own drain (axserving.shutdown).
         workers_kill_timeout=int(settings.lifecycle.drain_timeout_secs) + 15,
     )

@@ -47,6 +47,7 @@ class RestSettings(msgspec.Struct, **_STRICT):
     port: Port = 18080
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 << 20
     body_timeout_secs: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    header_timeout_secs: Annotated[float, msgspec.Meta(gt=0)] = 30.0
 
 
 AUTO_BACKEND = "auto"  # picked by the model: GGUF architecture (config/backends.yaml), MLX directory
@@ -174,6 +175,7 @@ ENV_KEYS: dict[str, str] = {
     "AXS_REST_HOST": "rest.host",
     "AXS_REST_PORT": "rest.port",
     "AXS_BODY_TIMEOUT_SECS": "rest.body_timeout_secs",
+    "AXS_HEADER_TIMEOUT_SECS": "rest.header_timeout_secs",
     "AXS_MODEL_PATH": "model.path",
     "AXS_MODEL_ID": "model.id",
     "AXS_DEFAULT_MODEL": "default_model",

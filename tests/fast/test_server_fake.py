@@ -485,3 +485,22 @@ def test_half_sent_bodies_time_out(tmp_path: Path) -> None:
         assert time.monotonic() - started < 3
         assert all(r.startswith(b"HTTP/1.1 408") and b"body_timeout" in r for r in replies), replies[:2]
         assert server.status()["inflight"] == 0
+
+
+def test_slow_headers_and_idle_connections_are_closed(tmp_path: Path) -> None:
+    import socket
+
+    with run_server(tmp_path, "--backend", "fake", env={"AXS_HEADER_TIMEOUT_SECS": "1"}) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as slow, \
+                socket.create_connection(("127.0.0.1", port)) as idle:  # fmt: skip
+            slow.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+            idle.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            idle.settimeout(5)
+            assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            for sock in (slow, idle):
+                sock.settimeout(5)
+                while sock.recv(4096):  # the server closes it: recv returns b""
+                    pass
+            assert time.monotonic() - started < 4
