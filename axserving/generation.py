@@ -1,7 +1,7 @@
 """From a validated request to a finished response: routing, admission, submission, streaming
 or collection, cancellation, and the metrics recorded once at the end.
 
-Both inference routes (chat and text completions) go through :func:`generate`; they differ only
+Both inference routes (chat and text completions) answer with :class:`InferenceResponse`; they differ only
 in the :class:`~axserving.responses.Shape` of their output and in the ``Submit`` they build.
 
 The whole life of a request runs inside one :class:`InferenceResponse` call, under one context
@@ -206,10 +206,6 @@ class InferenceResponse(Response):
             )
             watch.stop()
             await json_response(body, headers=headers)(scope, receive, send)
-
-
-async def generate(request: Request, state: AppState, job: Job) -> Response:
-    return InferenceResponse(state, job)
 
 
 async def _collect(stream: RequestStream, chunk: Chunk | None, outcome: _Outcome) -> str:

@@ -1,7 +1,7 @@
 """POST /v1/chat/completions and POST /v1/completions.
 
 The two differ only in how the body becomes an engine ``Submit`` and in their output shape;
-everything after that is :func:`axserving.generation.generate`.
+everything after that is :class:`axserving.generation.InferenceResponse`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from starlette.responses import Response
 from axserving import protocol
 from axserving.config import RestSettings
 from axserving.errors import BodyTimeout, PayloadTooLarge, ServiceUnavailable
-from axserving.generation import Job, client_key, generate
+from axserving.generation import InferenceResponse, Job, client_key
 from axserving.responses import ChatShape, CompletionShape
 from axserving.scheduler import Priority
 from axserving.state import app_state
@@ -87,7 +87,7 @@ async def _serve(
         priority=priority,
         client=client_key(request),
     )
-    return await generate(request, state, job)
+    return InferenceResponse(state, job)
 
 
 async def chat_completions(request: Request) -> Response:
