@@ -10,7 +10,7 @@ from __future__ import annotations
 import array
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import msgspec
 
@@ -37,6 +37,12 @@ class Message(msgspec.Struct):
     name: str | None = None
 
 
+# Integers bounded where the engine's records can carry them (int64 seeds; llama.cpp's
+# top_k: int32): past that a value is a 400 naming the field, not an overflow deep in the encoder.
+Int32 = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
 class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
@@ -46,12 +52,12 @@ class _Sampling(msgspec.Struct, kw_only=True):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int32 | None = None
     min_p: float | None = None
     repeat_penalty: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -101,6 +107,8 @@ def parse(body: bytes, kind: type[S]) -> S:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {e}") from e
     except UnicodeDecodeError as e:
         raise InvalidRequest(f"The request body is not valid UTF-8: {e.reason} at byte {e.start}") from e
+    except RecursionError as e:
+        raise InvalidRequest("The JSON body is nested too deeply") from e
 
 
 def check_model_id(model: str) -> None:

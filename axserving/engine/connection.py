@@ -25,6 +25,7 @@ from axserving.engine.stream import RequestStream
 from axserving.errors import (
     APIError,
     EngineUnavailable,
+    InvalidRequest,
     ServiceUnavailable,
     UnprocessableRequest,
     from_engine_failure,
@@ -293,7 +294,11 @@ class EngineConnection:
         if len(self._streams) >= FLAG_BITS:
             raise ServiceUnavailable("too many requests in flight on this engine; retry shortly")
         record = build(0)
-        fingerprint = hashlib.blake2b(records.encode(record), digest_size=16).digest()
+        try:
+            encoded = records.encode(record)
+        except OverflowError as e:  # a value the record cannot carry (the routes bound them first)
+            raise InvalidRequest(f"a value in the request is out of range: {e}") from e
+        fingerprint = hashlib.blake2b(encoded, digest_size=16).digest()
         if refuse is not None and refuse(fingerprint):
             raise UnprocessableRequest(
                 "this request was in flight each time the model's engine crashed, twice; it is refused",

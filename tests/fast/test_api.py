@@ -289,3 +289,18 @@ def test_completion_prompt_as_token_ids(client: TestClient) -> None:
         r = client.post("/v1/completions", json={"model": "default", "prompt": bad})
         assert r.status_code == 400, (bad, r.text)
         assert err(r)["param"] == "prompt"
+
+
+def test_values_the_engine_cannot_carry_and_deep_json_are_400s(client: TestClient) -> None:
+    """Found probing (issue 12): a seed past 64 bits and JSON nested 50,000 deep were 500s."""
+    head = '{"model": "default", "messages": [{"role": "user", "content": "x"}], '
+    for extra, param in (('"seed": 18446744073709551617', "seed"), ('"seed": -9223372036854775809', "seed"),
+                         ('"top_k": 1000000000000000000000', "top_k")):
+        r = client.post(CHAT, content=(head + extra + "}").encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 400 and err(r)["param"] == param, r.text
+    for deep in ("[" * 50_000 + "]" * 50_000, '{"a":' * 50_000 + "1" + "}" * 50_000):
+        r = client.post(CHAT, content=(head + '"extra": ' + deep + "}").encode(),
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "nested too deeply" in err(r)["message"], r.text
+    ok = client.post(CHAT, json={"model": "default", "seed": 2**63 - 1, "messages": [{"role": "user", "content": "s"}]})
+    assert ok.status_code == 200
