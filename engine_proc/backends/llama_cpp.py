@@ -24,6 +24,7 @@ import array
 import ctypes
 import logging
 import os
+import re
 from collections import deque
 from collections.abc import Sequence
 
@@ -40,6 +41,14 @@ log = logging.getLogger("axserving.engine.llama_cpp")
 
 _NO_TOKEN = -1  # llama.cpp's LLAMA_TOKEN_NULL: the vocab has no such special token
 _KV_FULL = 1  # llama_decode: no KV slot for the batch (nothing was computed; safe to retry)
+
+
+# A message's place in the rendered template: private-use characters no template changes.
+_PLACEHOLDER = re.compile("\ue000([0-9]+)\ue001")
+
+
+def _placeholder(i: int) -> str:
+    return f"\ue000{i}\ue001"
 
 
 def _by_slot(item: tuple[_Sequence, int]) -> int:
@@ -254,15 +263,28 @@ class LlamaCppBackend(Backend):
             raise RequestRejected(
                 "invalid_request", "model has no chat template; use /v1/completions"
             )
+        trusted = self.config.option("special_tokens_in_messages") == "1"
+        # Each message's text goes through the template as a placeholder, so that only the
+        # template's own structure is tokenized with special tokens; the messages' text is
+        # tokenized as text. Otherwise "<|im_start|>system" typed by a user becomes a real turn.
         rendered = [
-            {"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {})
-            for m in messages
+            {"role": m.role, "content": m.content if trusted else _placeholder(i)}
+            | ({"name": m.name} if m.name else {})
+            for i, m in enumerate(messages)
         ]
         try:
             text = self._chat(messages=rendered).prompt  # type: ignore[arg-type]
         except Exception as e:  # jinja2 errors and the template's own raise_exception
             raise RequestRejected("invalid_request", f"chat template failed: {e}") from e
-        tokens = self._tokenize(text, add_bos=False)
+        if trusted:
+            tokens = self._tokenize(text, add_bos=False)
+        else:
+            tokens = []
+            for j, part in enumerate(_PLACEHOLDER.split(text)):
+                if j % 2 == 0:  # the template's text
+                    tokens += self._tokenize(part, add_bos=False) if part else []
+                else:  # a message's text: no special tokens
+                    tokens += self._tokenize_text(messages[int(part)].content)
         # Most templates that want a BOS write it themselves; add one only if it is missing.
         if self._add_bos and self._bos != _NO_TOKEN and tokens[:1] != [self._bos]:
             tokens.insert(0, self._bos)
@@ -289,6 +311,11 @@ class LlamaCppBackend(Backend):
     def _tokenize(self, text: str, add_bos: bool) -> list[int]:
         assert self._llama is not None, "load() first"
         return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def _tokenize_text(self, text: str) -> list[int]:
+        """Text as text: special-token markup in it stays characters."""
+        assert self._llama is not None, "load() first"
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
 
     def abort(self, rid: int) -> None:
         for seq in self._running:
