@@ -251,7 +251,9 @@ class EngineConnection:
         return not self._closed and self.heartbeat_age() > self.heartbeat_limit() / 2
 
     def heartbeat_age(self) -> float:
-        return self.channel.heartbeat_age()
+        """0 once the channel is closed (the engine is gone: its death, not a hang, is reported;
+        a status read may come between the close and the supervisor's state change)."""
+        return 0.0 if self._closed else self.channel.heartbeat_age()
 
     def watch_heartbeat(self, floor: float, factor: float, cap: float) -> None:
         """Kill the engine once its heartbeat is older than :meth:`heartbeat_limit` (SIGSTOP, a

@@ -124,3 +124,19 @@ def test_a_cancel_bit_is_never_shared_by_two_live_requests() -> None:
             conn._close_channel()
 
     asyncio.run(main())
+
+
+def test_a_closed_connection_reports_no_heartbeat_age() -> None:
+    """A status read between an engine's death and the supervisor's state change must not touch
+    the unmapped ring (it raised 'released memoryview' on /v1/admin/status)."""
+    import asyncio
+
+    from axserving.engine.connection import EngineConnection
+    from engine_proc.spec import BackendConfig as Config
+
+    async def main() -> None:
+        conn = await EngineConnection.open("m", "fake", Config("fake://"), 1 << 16, 1 << 16, "info")
+        conn._close_channel()
+        assert conn.heartbeat_age() == 0.0 and not conn.heartbeat_stale()
+
+    asyncio.run(main())
