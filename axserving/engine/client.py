@@ -58,6 +58,10 @@ class EngineClient(abc.ABC):
     def snapshot(self) -> dict[str, Any]:
         """State and counters, for status routes and metrics."""
 
+    def stale(self) -> bool:
+        """The running engine's heartbeat is late (a hang is suspected)."""
+        return False
+
     def stopping(self) -> None:
         """Shutdown has begun: an engine that dies from now on is not restarted."""
 

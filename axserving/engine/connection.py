@@ -42,6 +42,16 @@ _SAFETY_DRAIN_S = 0.2
 _HEARTBEAT_CHECK_S = 0.1  # re-check the event ring this often, in case a wake-up was ever lost
 
 
+def fingerprint(request: records.Submit) -> bytes:
+    """What a request is, whatever its rid: the key crashes are blamed on. Computed only after a
+    crash, or while some request is suspected: never on the ordinary request path."""
+    try:
+        encoded = records.encode(msgspec.structs.replace(request, rid=0))
+    except OverflowError:
+        return b""
+    return hashlib.blake2b(encoded, digest_size=16).digest()
+
+
 class EngineConnection:
     @classmethod
     async def open(
@@ -99,7 +109,7 @@ class EngineConnection:
         self._pidfd: int | None = None
         self._exit_fd = -1
         self.safety_drains = 0
-        self.in_flight_fingerprints: list[bytes] = []  # of the requests running when it died
+        self.in_flight: list[records.Submit] = []  # the requests running when it died
         self.stats: records.Stats | None = None
         self._hb = (30.0, 1.0, 30.0)  # floor, factor, cap: set by watch_heartbeat
         self._warm_step = 0.0
@@ -228,7 +238,7 @@ class EngineConnection:
             self._loop.call_later(0.01, self._reap, 100)
         exited = f"engine process exited with code {code}" if code is not None else "engine process died"
         reason = self.fatal_message or exited
-        self.in_flight_fingerprints = [s.fingerprint for s in self._streams.values()]
+        self.in_flight = [s.request for s in self._streams.values() if s.request is not None]
         self.fail_all(EngineUnavailable(f"the model's engine stopped ({reason}); retry shortly"))
         self._close_channel()
         if not self.ready.done():
@@ -287,28 +297,22 @@ class EngineConnection:
         build: Callable[[int], records.Submit],
         ready_by: float,
         deadline: float,
-        refuse: Callable[[bytes], bool] | None = None,
+        refuse: Callable[[records.Submit], bool] | None = None,
     ) -> RequestStream:
         """``ready_by`` bounds the wait for room in the request ring; ``deadline`` the request.
-        ``refuse(fingerprint)`` true: the request crashed engines before, and is refused."""
+        ``refuse(request)`` true: the request crashed engines before, and is refused."""
         if self._closed or self.died.done():
             raise EngineUnavailable("the model's engine is not running; retry shortly")
         if len(self._streams) >= FLAG_BITS:
             raise ServiceUnavailable("too many requests in flight on this engine; retry shortly")
-        record = build(0)
-        try:
-            encoded = records.encode(record)
-        except OverflowError as e:  # a value the record cannot carry (the routes bound them first)
-            raise InvalidRequest(f"a value in the request is out of range: {e}") from e
-        fingerprint = hashlib.blake2b(encoded, digest_size=16).digest()
-        if refuse is not None and refuse(fingerprint):
+        rid = self._next_rid()
+        record = build(rid)
+        if refuse is not None and refuse(record):
             raise UnprocessableRequest(
                 "this request was in flight each time the model's engine crashed, twice; it is refused",
                 code="request_crashed_engine",
             )
-        rid = self._next_rid()
         self.channel.reuse_slot(rid)
-        record = msgspec.structs.replace(record, rid=rid)
         while not self._try_send(record):
             if time.monotonic() > ready_by:
                 raise ServiceUnavailable("the engine's request ring stayed full; try again later")
@@ -316,7 +320,7 @@ class EngineConnection:
             if self._closed:
                 raise EngineUnavailable("the model's engine stopped; retry shortly")
         stream = RequestStream(rid, self._abort, deadline)
-        stream.fingerprint = fingerprint
+        stream.request = record
         self._streams[rid] = stream
         return stream
 
@@ -336,6 +340,8 @@ class EngineConnection:
         except OSError as e:  # a large request's blob segment: /dev/shm is full
             log.error("cannot write a request blob for %s: %s", self.model_id, e)
             raise ServiceUnavailable("the server is out of shared memory; retry later") from e
+        except OverflowError as e:  # a value the record cannot carry (the routes bound them first)
+            raise InvalidRequest(f"a value in the request is out of range: {e}") from e
 
     def _abort(self, rid: int) -> None:
         if self._streams.pop(rid, None) is None or self._closed:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from axserving.errors import APIError, RequestTimeout
-from ipc.records import Delta
+from ipc.records import Delta, Submit
 
 _MERGE_AT = 64  # pending text pieces before they are joined into one
 
@@ -31,7 +31,7 @@ class RequestStream:
     def __init__(self, rid: int, on_cancel: Callable[[int], None], deadline: float) -> None:
         """``deadline`` (``time.monotonic()``): past it the request is aborted (RequestTimeout)."""
         self.rid = rid
-        self.fingerprint = b""  # what the request was (its Submit without the rid), for crash blame
+        self.request: Submit | None = None  # what was sent, for crash blame
         self._on_cancel = on_cancel
         self._parts: list[str] = []
         self._n_tokens = 0

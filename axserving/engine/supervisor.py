@@ -16,7 +16,7 @@ from typing import Any
 
 from axserving.config import EngineSettings
 from axserving.engine.client import EngineClient, EngineState, StateListener
-from axserving.engine.connection import EngineConnection
+from axserving.engine.connection import EngineConnection, fingerprint
 from axserving.engine.stream import RequestStream
 from axserving.errors import EngineUnavailable
 from engine_proc.spec import BackendConfig
@@ -125,14 +125,18 @@ class EngineSupervisor(EngineClient):
                 pass
         self._set_state(EngineState.stopped)
 
-    def _remember(self, fingerprints: list[bytes]) -> None:
-        for fp in fingerprints:
+    def _remember(self, requests: list[records.Submit]) -> None:
+        for fp in filter(None, map(fingerprint, requests)):
             self._suspects[fp] = self._suspects.pop(fp, 0) + 1
         while len(self._suspects) > _MAX_SUSPECTS:
             del self._suspects[next(iter(self._suspects))]
 
-    def _is_poison(self, fingerprint: bytes) -> bool:
-        return self._suspects.get(fingerprint, 0) >= POISON_CRASHES
+    def _is_poison(self, request: records.Submit) -> bool:
+        return bool(self._suspects) and self._suspects.get(fingerprint(request), 0) >= POISON_CRASHES
+
+    def stale(self) -> bool:
+        conn = self.conn
+        return self.state is EngineState.ready and conn is not None and conn.heartbeat_stale()
 
     def snapshot(self) -> dict[str, Any]:
         conn = self.conn if self.state is EngineState.ready else None
@@ -238,7 +242,7 @@ class EngineSupervisor(EngineClient):
                 # The circuit is about engines that cannot start, not about poison requests.
                 self.last_error = conn.fatal_message or f"engine exited with code {code}"
                 log.error("model %s: engine died after %.1fs: %s", self.model_id, up_for, self.last_error)
-                self._remember(conn.in_flight_fingerprints)
+                self._remember(conn.in_flight)
                 start_failures = 0
                 crashes = 1 if up_for >= STABLE_AFTER_S else crashes + 1
                 n = crashes

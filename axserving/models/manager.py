@@ -100,7 +100,7 @@ class Model:
         state = self.engine.client.state
         if self.unloading or state is EngineState.stopped:
             return ModelState.unloading
-        if state is EngineState.ready and self.engine.client.snapshot().get("stale"):
+        if state is EngineState.ready and self.engine.client.stale():
             return ModelState.unresponsive
         return ModelState(state.value)
 
