@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 
 import orjson
 
+from ipc.records import FailCode
+
 
 class APIError(Exception):
     status: ClassVar[int] = 500
@@ -124,6 +126,14 @@ class EngineUnavailable(ServiceUnavailable):
     default_code = "engine_unavailable"
 
 
+class ClientClosed(APIError):
+    """The request was cancelled (its client left); nobody is there to read this."""
+
+    status = 499
+    type = "cancelled"
+    default_code = "cancelled"
+
+
 class RequestTimeout(APIError):
     status = 504
     type = "server_error"
@@ -140,10 +150,14 @@ def error_body(err: APIError) -> bytes:
     return orjson.dumps(err.body())
 
 
-def from_engine_failure(code: str, message: str) -> APIError:
-    """Map an engine's per-request failure code (``ipc.records.Failed``) to the tree."""
-    if code == "context_length_exceeded":
-        return ContextLengthExceeded(message, param="messages")
-    if code == "invalid_request":
-        return InvalidRequest(message)
-    return EngineError(message, code=code)
+def from_engine_failure(code: FailCode, message: str, param: str | None = None) -> APIError:
+    """Map an engine's per-request failure (``ipc.records.Failed``) to the tree."""
+    return _ENGINE_FAILURES[code](message, param=param, code=code.value)
+
+
+_ENGINE_FAILURES: dict[FailCode, type[APIError]] = {
+    FailCode.invalid_request: InvalidRequest,
+    FailCode.context_length_exceeded: ContextLengthExceeded,
+    FailCode.cancelled: ClientClosed,
+    FailCode.engine_error: EngineError,
+}

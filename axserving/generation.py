@@ -18,21 +18,21 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from axserving.engine.stream import Chunk, RequestStream
-from axserving.errors import APIError
+from axserving.errors import APIError, InvalidRequest
 from axserving.models.manager import Lease
 from axserving.protocol import RequestSampling
-from axserving.responses import ChatShape, CompletionShape
+from axserving.responses import ChatShape, Choice, CompletionShape
 from axserving.scheduler import Priority, Ticket
 from axserving.sse import EventStreamResponse
 from axserving.state import AppState, json_response
-from ipc.records import SamplingParams, Submit
+from ipc.records import Generation, SamplingParams, Submit
 
 log = logging.getLogger("axserving.generation")
 
@@ -52,6 +52,7 @@ class Job:
     include_usage: bool
     stream: bool
     build: Callable[[int, SamplingParams], Submit]
+    gen: Generation = field(default_factory=Generation)
     priority: Priority = Priority.normal
     client: str = ""  # whose request: for fairness between clients
 
@@ -70,19 +71,23 @@ class _Outcome:
     def __init__(self, state: AppState, job: Job, lease: Lease, arrived: float) -> None:
         self.state, self.job, self.lease, self.arrived = state, job, lease, arrived
         self.status = 200
-        self.finish: str | None = None
+        self.finishes: list[str] = []
         self.prompt_tokens = 0
-        self.completion_tokens = 0
+        self._completion: dict[int, int] = {}  # per choice
         self.cached_tokens = 0
         self.ttft: float | None = None
         self.stream: RequestStream | None = None
 
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self._completion.values())
+
     def tokens(self, chunk: Chunk) -> None:
         self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
-        self.completion_tokens = chunk.completion_tokens
+        self._completion[chunk.index] = chunk.completion_tokens
         self.cached_tokens = chunk.cached_tokens or self.cached_tokens
         if chunk.finish_reason:
-            self.finish = chunk.finish_reason
+            self.finishes.append(chunk.finish_reason)
         stream = self.stream
         if self.ttft is None and stream is not None and stream.first_token_at is not None:
             self.ttft = stream.first_token_at - self.arrived
@@ -102,8 +107,8 @@ class _Outcome:
         m.prompt_tokens.labels(model).inc(self.prompt_tokens)
         m.cached_prompt_tokens.labels(model).inc(self.cached_tokens)
         m.generation_tokens.labels(model).inc(self.completion_tokens)
-        if self.finish:
-            m.finish.labels(model, self.finish).inc()
+        for finish in self.finishes:
+            m.finish.labels(model, finish).inc()
 
 
 @contextlib.asynccontextmanager
@@ -184,7 +189,19 @@ class InferenceResponse(Response):
         async with request_scope(state, job) as (outcome, ticket):
             lease = outcome.lease
             params = job.sampling.resolve(lease.spec.sampling, sched.default_max_tokens)
-            shape = job.shape(model=job.model or lease.model_id, include_usage=job.include_usage)
+            n_ctx = lease.spec.engine.n_ctx
+            if job.sampling.max_tokens is not None and job.sampling.max_tokens >= n_ctx:
+                raise InvalidRequest(
+                    f"'{job.sampling.max_tokens_param}' must be less than the model's context of {n_ctx} tokens, "
+                    f"got {job.sampling.max_tokens}",
+                    param=job.sampling.max_tokens_param,
+                )
+            shape = job.shape(
+                model=job.model or lease.model_id,
+                include_usage=job.include_usage,
+                logprobs=job.gen.logprobs >= 0,
+                n=job.gen.n,
+            )
             # The request's own time starts once it has a slot: max_wait_ms bounded the wait.
             deadline = ticket.started + sched.request_timeout_secs
             ready_by = min(ticket.started + sched.max_wait_ms / 1000, deadline)
@@ -200,21 +217,19 @@ class InferenceResponse(Response):
                 watch.stop()
                 await EventStreamResponse(_sse(shape, stream, first, outcome), headers=headers)(scope, receive, send)
                 return
-            text = await _collect(stream, first, outcome)
-            body = shape.complete(
-                text, outcome.finish, outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens
-            )
+            choices = await _collect(stream, first, outcome, job.gen.n)
+            body = shape.complete(choices, outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
             watch.stop()
             await json_response(body, headers=headers)(scope, receive, send)
 
 
-async def _collect(stream: RequestStream, chunk: Chunk | None, outcome: _Outcome) -> str:
-    parts: list[str] = []
+async def _collect(stream: RequestStream, chunk: Chunk | None, outcome: _Outcome, n: int) -> list[Choice]:
+    choices = [Choice(i) for i in range(n)]
     while chunk is not None:
         outcome.tokens(chunk)
-        parts.append(chunk.text)
+        choices[chunk.index].add(chunk)
         chunk = await stream.next()
-    return "".join(parts)
+    return choices
 
 
 async def _sse(
@@ -222,17 +237,13 @@ async def _sse(
 ) -> AsyncIterator[str]:
     try:
         try:
-            head = shape.first_chunk()
-            if head is not None:
+            for head in shape.first_chunks():
                 yield head
             chunk = first
             while chunk is not None:
                 outcome.tokens(chunk)
-                if chunk.text and chunk.finish_reason and isinstance(shape, ChatShape):
-                    yield shape.chunk(chunk.text, None)
-                    yield shape.chunk("", chunk.finish_reason)
-                else:
-                    yield shape.chunk(chunk.text, chunk.finish_reason)
+                for event in shape.chunks(chunk):
+                    yield event
                 chunk = await stream.next()
             if shape.include_usage:
                 yield shape.usage_chunk(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)

@@ -8,6 +8,7 @@ server's status codes: 400 or 422) and produce the engine-side records.
 from __future__ import annotations
 
 import array
+import json
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar, Union
@@ -16,11 +17,12 @@ import msgspec
 
 from axserving.config import SamplingDefaults
 from axserving.errors import InvalidRequest, UnprocessableRequest
-from ipc.records import ChatMessage, SamplingParams
+from engine_proc import grammar as grammar_rules
+from ipc.records import ChatMessage, Generation, SamplingParams, Tool, ToolCall, ToolChoice
 
-MAX_TOKENS_LIMIT = 32768
 MAX_STOP_SEQUENCES = 16
 _MODEL_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class TextPart(msgspec.Struct, tag_field="type", tag="text"):
@@ -31,10 +33,72 @@ class ImagePart(msgspec.Struct, tag_field="type", tag="image_url"):
     image_url: Any = None
 
 
+class InputAudioPart(msgspec.Struct, tag_field="type", tag="input_audio"):
+    input_audio: Any = None
+
+
+class FilePart(msgspec.Struct, tag_field="type", tag="file"):
+    file: Any = None
+
+
+class RefusalPart(msgspec.Struct, tag_field="type", tag="refusal"):
+    refusal: str = ""
+
+
+ContentPart = Union[TextPart, ImagePart, InputAudioPart, FilePart, RefusalPart]
+
+
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str = "{}"
+
+
+class MessageToolCall(msgspec.Struct):
+    function: FunctionCall
+    id: str = ""
+    type: Literal["function"] = "function"
+
+
 class Message(msgspec.Struct):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[Union[TextPart, ImagePart]], None] = None
+    content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(msgspec.Struct):
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(msgspec.Struct):
+    function: FunctionDef
+    type: Literal["function"] = "function"
+
+
+class ToolChoiceFunction(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    function: ToolChoiceFunction
+    type: Literal["function"] = "function"
+
+
+class JsonSchemaSpec(msgspec.Struct):
+    name: str = "response"
+    schema: Union[dict[str, Any], bool, None] = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: str
+    json_schema: JsonSchemaSpec | None = None
+    schema: dict[str, Any] | None = None  # llama.cpp's extension: a schema for json_object
 
 
 # Integers bounded where the engine's records can carry them (int64 seeds; llama.cpp's
@@ -62,16 +126,23 @@ class _Sampling(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
-    logprobs: Union[bool, int, None] = None
-    top_logprobs: int | None = None
     ignore_eos: bool = False
     user: str | None = None
     priority: str | None = None  # critical, high, normal, low, background (else X-Priority)
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    grammar: str | None = None  # llama.cpp's extension: GBNF
+    json_schema: dict[str, Any] | None = None  # llama.cpp's extension: a bare schema
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: list[Message]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
@@ -79,6 +150,7 @@ class CompletionRequest(_Sampling, kw_only=True):
     prompt: Union[str, list[Any]]
     echo: bool = False
     suffix: str | None = None
+    logprobs: int | None = None  # legacy: how many top alternatives (0-5; we allow 20)
 
 
 R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
@@ -137,6 +209,7 @@ class RequestSampling:
     model's defaults fill those in, see :meth:`resolve`)."""
 
     max_tokens: int | None
+    max_tokens_param: str  # the field max_tokens came from (max_completion_tokens in chat)
     temperature: float | None
     top_p: float | None
     top_k: int | None
@@ -172,14 +245,14 @@ class RequestSampling:
 def sampling_params(req: ChatCompletionRequest | CompletionRequest) -> RequestSampling:
     if req.model is not None:
         check_model_id(req.model)
-    if req.n != 1:
-        raise InvalidRequest("only n=1 is supported", param="n")
     max_tokens = req.max_tokens
     if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
         max_tokens = req.max_completion_tokens
     param = "max_tokens"
-    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise InvalidRequest(f"'{param}' must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}", param=param)
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        param = "max_completion_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidRequest(f"'{param}' must be at least 1, got {max_tokens}", param=param)
     _in_range("temperature", req.temperature, 0, 2)
     _in_range("top_p", req.top_p, 0, 1)
     _in_range("min_p", req.min_p, 0, 1)
@@ -188,13 +261,6 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest) -> RequestSa
     _in_range("repeat_penalty", req.repeat_penalty, 0, 10, lo_open=True)
     _in_range("frequency_penalty", req.frequency_penalty, -2, 2)
     _in_range("presence_penalty", req.presence_penalty, -2, 2)
-    if req.top_logprobs is not None:
-        if req.top_logprobs > 20 or req.top_logprobs < 0:
-            raise UnprocessableRequest("'top_logprobs' must be between 0 and 20", param="top_logprobs")
-        if not req.logprobs:
-            raise UnprocessableRequest("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
-    if req.logprobs:
-        raise InvalidRequest("'logprobs' is not supported yet", param="logprobs")
     stop: tuple[str, ...] = ()
     if isinstance(req.stop, str):
         stop = (req.stop,) if req.stop else ()
@@ -204,6 +270,7 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest) -> RequestSa
         raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
     return RequestSampling(
         max_tokens=max_tokens,
+        max_tokens_param=param,
         temperature=req.temperature,
         top_p=req.top_p,
         top_k=req.top_k,
@@ -229,15 +296,150 @@ def chat_messages(req: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
         else:
             parts = []
             for part in m.content:
+                if isinstance(part, RefusalPart):
+                    parts.append(part.refusal)
+                    continue
                 if not isinstance(part, TextPart):
+                    kind = type(part).__struct_config__.tag
                     raise InvalidRequest(
-                        "only text content parts are supported by this model",
-                        param=f"messages.{i}.content",
+                        f"content parts of type '{kind}' are not supported by this model (text only)",
+                        param=f"messages[{i}].content[{m.content.index(part)}].type",
                     )
                 parts.append(part.text)
             text = "".join(parts)
-        out.append(ChatMessage(role=m.role, content=text, name=m.name))
+        calls: tuple[ToolCall, ...] = ()
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise InvalidRequest("only assistant messages carry 'tool_calls'", param=f"messages[{i}].tool_calls")
+            calls = tuple(
+                ToolCall(c.id, c.function.name, _arguments_json(c.function.arguments, f"messages[{i}].tool_calls[{j}]"))
+                for j, c in enumerate(m.tool_calls)
+            )
+        if m.role == "tool" and not m.tool_call_id:
+            raise InvalidRequest("a tool message needs 'tool_call_id'", param=f"messages[{i}].tool_call_id")
+        out.append(ChatMessage(role=m.role, content=text, name=m.name, tool_calls=calls, tool_call_id=m.tool_call_id))
     return tuple(out)
+
+
+def _arguments_json(arguments: str, where: str) -> str:
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        raise InvalidRequest("'arguments' must be a JSON object (as text)", param=f"{where}.function.arguments") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("'arguments' must be a JSON object (as text)", param=f"{where}.function.arguments")
+    return json.dumps(value, ensure_ascii=False)
+
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+
+def generation(req: ChatCompletionRequest | CompletionRequest) -> Generation:
+    """What the request asks of the output beyond sampling, validated: choices, logprobs,
+    logit bias, a grammar (response_format, grammar, json_schema) and tools."""
+    if not 1 <= req.n <= MAX_N:
+        raise InvalidRequest(f"'n' must be between 1 and {MAX_N}, got {req.n}", param="n")
+    logprobs = -1
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None:
+            if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+                raise InvalidRequest(f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}", param="top_logprobs")
+            if not req.logprobs:
+                raise InvalidRequest("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+        if req.logprobs:
+            logprobs = req.top_logprobs or 0
+    elif req.logprobs is not None:
+        if not 0 <= req.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"'logprobs' must be between 0 and {MAX_LOGPROBS}", param="logprobs")
+        logprobs = req.logprobs
+        if req.echo:
+            raise InvalidRequest("'echo' with 'logprobs' (the prompt's logprobs) is not supported", param="echo")
+    bias: list[tuple[int, float]] = []
+    for key, value in (req.logit_bias or {}).items():
+        if not key.strip().isdigit():
+            raise InvalidRequest(f"'logit_bias' keys must be token ids, got {key!r}", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise InvalidRequest(f"'logit_bias' values must be between -100 and 100, got {value}", param="logit_bias")
+        bias.append((int(key), float(value)))
+    grammar = _grammar(req)
+    gen = Generation(n=req.n, logprobs=logprobs, logit_bias=tuple(bias), grammar=grammar)
+    if isinstance(req, CompletionRequest):
+        return msgspec.structs.replace(gen, echo=req.echo)
+    return _with_tools(req, gen)
+
+
+def _grammar(req: ChatCompletionRequest | CompletionRequest) -> str | None:
+    asked = [f for f in ("response_format", "grammar", "json_schema") if getattr(req, f) is not None]
+    rf = req.response_format
+    if rf is not None and rf.type == "text":
+        asked.remove("response_format")
+    if len(asked) > 1:
+        raise InvalidRequest(f"'{asked[0]}' and '{asked[1]}' cannot be used together", param=asked[1])
+    try:
+        if req.grammar is not None:
+            return grammar_rules.gbnf_grammar(req.grammar)
+        if req.json_schema is not None:
+            return grammar_rules.json_schema_grammar(req.json_schema)
+    except grammar_rules.GrammarError as e:
+        field = "grammar" if req.grammar is not None else "json_schema"
+        raise InvalidRequest(f"'{field}' cannot be used: {e}", param=field) from e
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        param, schema, strict = "response_format.schema", rf.schema or True, False
+    elif rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema is None:
+            raise InvalidRequest("'response_format.json_schema.schema' is required", param="response_format.json_schema.schema")
+        param, schema, strict = "response_format.json_schema.schema", rf.json_schema.schema, bool(rf.json_schema.strict)
+    else:
+        raise InvalidRequest(
+            f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {rf.type!r}",
+            param="response_format.type",
+        )
+    try:
+        return grammar_rules.json_schema_grammar(schema, strict=strict)
+    except grammar_rules.GrammarError as e:
+        raise InvalidRequest(f"the schema cannot be used: {e}", param=param) from e
+
+
+def _with_tools(req: ChatCompletionRequest, gen: Generation) -> Generation:
+    tools: list[Tool] = []
+    names: set[str] = set()
+    for i, t in enumerate(req.tools or ()):
+        f = t.function
+        if not _TOOL_NAME.match(f.name):
+            raise InvalidRequest(
+                "a function name is 1-64 letters, digits, '_' or '-'", param=f"tools[{i}].function.name"
+            )
+        if f.name in names:
+            raise InvalidRequest(f"two tools are named {f.name!r}", param=f"tools[{i}].function.name")
+        names.add(f.name)
+        params = f.parameters or {"type": "object"}
+        try:
+            grammar_rules.json_schema_grammar(params, strict=bool(f.strict))
+        except grammar_rules.GrammarError as e:
+            raise InvalidRequest(f"the parameters schema cannot be used: {e}", param=f"tools[{i}].function.parameters") from e
+        tools.append(Tool(f.name, f.description, json.dumps(params)))
+    choice = req.tool_choice
+    kind, name = ToolChoice.auto, None
+    if isinstance(choice, NamedToolChoice):
+        kind, name = ToolChoice.named, choice.function.name
+        if name not in names:
+            raise InvalidRequest(f"tool_choice names {name!r}, which is not in 'tools'", param="tool_choice")
+    elif choice is not None:
+        kind = ToolChoice(choice)
+    if kind in (ToolChoice.required, ToolChoice.named) and not tools:
+        raise InvalidRequest("'tool_choice' requires 'tools'", param="tool_choice")
+    if kind in (ToolChoice.required, ToolChoice.named) and gen.grammar is not None:
+        raise InvalidRequest("a forced tool call and 'response_format' cannot be used together", param="tool_choice")
+    if not tools:
+        return gen
+    # A forced call is one call unless parallel calls are asked for by name (as llama-server
+    # does): a small model, free to go on, repeats the call until max_tokens.
+    forced = kind in (ToolChoice.required, ToolChoice.named)
+    parallel = not forced if req.parallel_tool_calls is None else req.parallel_tool_calls
+    return msgspec.structs.replace(gen, tools=tuple(tools), tool_choice=kind, tool_name=name, parallel_tool_calls=parallel)
 
 
 MAX_TOKEN_ID = (1 << 31) - 1
@@ -245,8 +447,6 @@ MAX_TOKEN_ID = (1 << 31) - 1
 
 def completion_prompt(req: CompletionRequest) -> str | array.array[int]:
     """The prompt as text, or as token ids packed in an int32 array (sent to the engine as is)."""
-    if req.echo:
-        raise InvalidRequest("'echo' is not supported", param="echo")
     if req.suffix:
         raise InvalidRequest("'suffix' is not supported", param="suffix")
     prompt: Any = req.prompt

@@ -1,4 +1,11 @@
-"""OpenAI response shapes for chat and text completions, streaming and not."""
+"""OpenAI response shapes for chat and text completions, streaming and not.
+
+A shape renders :class:`~axserving.engine.stream.Chunk` s (one choice's new output each) as
+streamed chunks, and :class:`Choice` s (a choice's whole output) as a finished body. Choices are
+indexed; logprobs take chat's ``content[]`` shape or completions' legacy one; tool calls are
+streamed as OpenAI streams them: a first delta with the call's index, id, type and name, then
+the arguments.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import orjson
+
+from axserving.engine.stream import Chunk
+from ipc.records import TokenLogprob, ToolCall
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
@@ -22,14 +32,70 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 
 @dataclass
+class Choice:
+    """One choice's whole output, collected for a non-streaming response."""
+
+    index: int
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def add(self, chunk: Chunk) -> None:
+        self.parts.append(chunk.text)
+        self.logprobs += chunk.logprobs
+        self.tool_calls += chunk.tool_calls
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def _top(lp: TokenLogprob) -> list[dict[str, Any]]:
+    return [{"token": t.token, "logprob": t.logprob, "bytes": list(t.raw)} for t in lp.top]
+
+
+def chat_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.raw), "top_logprobs": _top(lp)} for lp in lps
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The legacy shape: parallel lists, ``text_offset`` counted from ``offset``."""
+    offsets, at = [], offset
+    for lp in lps:
+        offsets.append(at)
+        at += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in lps],
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+def tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+@dataclass
 class Shape:
     """How one endpoint names and nests its output. Subclassed per endpoint."""
 
     id_prefix: ClassVar[str] = "x"
     chunk_object: ClassVar[str] = ""
+    object: ClassVar[str] = ""
 
     model: str
     include_usage: bool = False
+    logprobs: bool = False
+    n: int = 1
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -39,11 +105,12 @@ class Shape:
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def _with_usage_field(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _streamed(self, choice: dict[str, Any]) -> str:
+        body = self._envelope(self.chunk_object, [choice])
         # OpenAI: with include_usage, every chunk carries "usage": null until the final one.
         if self.include_usage:
             body["usage"] = None
-        return body
+        return self.sse(body)
 
     def sse(self, payload: dict[str, Any]) -> str:
         return orjson.dumps(payload).decode()
@@ -53,49 +120,88 @@ class Shape:
         body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return self.sse(body)
 
+    def first_chunks(self) -> list[str]:
+        return []
+
+    def chunks(self, chunk: Chunk) -> list[str]:
+        raise NotImplementedError
+
+    def _choice(self, choice: Choice) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def complete(
+        self, choices: list[Choice], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict[str, Any]:
+        body = self._envelope(self.object, [self._choice(c) for c in sorted(choices, key=lambda c: c.index)])
+        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
+        return body
+
 
 class ChatShape(Shape):
     id_prefix = "chatcmpl"
     chunk_object = "chat.completion.chunk"
+    object = "chat.completion"
 
-    def first_chunk(self) -> str:
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return self.sse(self._with_usage_field(self._envelope(self.chunk_object, [choice])))
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._calls: dict[int, int] = {}  # choice -> tool calls streamed so far
 
-    def chunk(self, text: str, finish_reason: str | None) -> str:
-        delta = {"content": text} if text else {}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return self.sse(self._with_usage_field(self._envelope(self.chunk_object, [choice])))
+    def first_chunks(self) -> list[str]:
+        return [
+            self._streamed({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+            for i in range(self.n)
+        ]
 
-    def complete(
-        self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
-    ) -> dict[str, Any]:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason,
+    def chunks(self, chunk: Chunk) -> list[str]:
+        out: list[str] = []
+        i = chunk.index
+        lps = chat_logprobs(chunk.logprobs) if self.logprobs and chunk.logprobs else None
+        if chunk.text or lps is not None:
+            out.append(self._streamed({"index": i, "delta": {"content": chunk.text}, "logprobs": lps, "finish_reason": None}))
+        for call in chunk.tool_calls:
+            k = self._calls.get(i, 0)
+            self._calls[i] = k + 1
+            head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            args = {"index": k, "function": {"arguments": call.arguments}}
+            for piece in (head, args):
+                out.append(self._streamed({"index": i, "delta": {"tool_calls": [piece]}, "logprobs": None, "finish_reason": None}))
+        if chunk.finish_reason:
+            out.append(self._streamed({"index": i, "delta": {}, "logprobs": None, "finish_reason": chunk.finish_reason}))
+        return out
+
+    def _choice(self, choice: Choice) -> dict[str, Any]:
+        text = choice.text
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not choice.tool_calls else None}
+        if choice.tool_calls:
+            message["tool_calls"] = [tool_call(c) for c in choice.tool_calls]
+        return {
+            "index": choice.index,
+            "message": message,
+            "logprobs": chat_logprobs(choice.logprobs) if self.logprobs else None,
+            "finish_reason": choice.finish_reason,
         }
-        body = self._envelope("chat.completion", [choice])
-        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
-        return body
 
 
 class CompletionShape(Shape):
     id_prefix = "cmpl"
     chunk_object = "text_completion"
+    object = "text_completion"
 
-    def first_chunk(self) -> str | None:
-        return None
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._offsets: dict[int, int] = {}  # choice -> characters streamed so far
 
-    def chunk(self, text: str, finish_reason: str | None) -> str:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return self.sse(self._with_usage_field(self._envelope(self.chunk_object, [choice])))
+    def chunks(self, chunk: Chunk) -> list[str]:
+        at = self._offsets.get(chunk.index, 0)
+        self._offsets[chunk.index] = at + len(chunk.text)
+        lps = completion_logprobs(chunk.logprobs, at) if self.logprobs else None
+        choice = {"index": chunk.index, "text": chunk.text, "logprobs": lps, "finish_reason": chunk.finish_reason}
+        return [self._streamed(choice)]
 
-    def complete(
-        self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
-    ) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        body = self._envelope("text_completion", [choice])
-        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
-        return body
+    def _choice(self, choice: Choice) -> dict[str, Any]:
+        return {
+            "index": choice.index,
+            "text": choice.text,
+            "logprobs": completion_logprobs(choice.logprobs, 0) if self.logprobs else None,
+            "finish_reason": choice.finish_reason,
+        }

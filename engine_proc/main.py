@@ -26,8 +26,8 @@ log = logging.getLogger("axserving.engine")
 
 IDLE_WAIT_S = 0.25  # how often an idle engine beats and checks that its front is still there
 STATS_INTERVAL_S = 1.0
-PENDING_RETRY_S = 0.001
-RECORDS_PER_TURN = 32  # requests taken in per loop turn, before the next step  # how soon an idle engine retries events a full ring held back
+PENDING_RETRY_S = 0.001  # how soon an idle engine retries events a full ring held back
+RECORDS_PER_TURN = 32  # requests taken in per loop turn, before the next step
 
 
 class EngineLoop:
@@ -36,7 +36,7 @@ class EngineLoop:
         self.channel = channel
         self.backend = backend
         self.running = True
-        self._pending: dict[int, records.Delta] = {}  # deltas a full event ring held back
+        self._pending: dict[tuple[int, int], records.Delta] = {}  # held back by a full event ring
         self.merged_steps = 0
         self.steps = 0
         self.tokens = 0
@@ -55,10 +55,10 @@ class EngineLoop:
             try:
                 self.backend.submit(record)
             except RequestRejected as e:
-                self.send(records.Failed(record.rid, e.code, e.message))
+                self.send(records.Failed(record.rid, e.code, e.message, e.param))
             except Exception as e:  # a bad request must not take the engine down
                 log.exception("submit of request %d failed", record.rid)
-                self.send(records.Failed(record.rid, "engine_error", f"{type(e).__name__}: {e}"))
+                self.send(records.Failed(record.rid, records.FailCode.engine_error, f"{type(e).__name__}: {e}"))
         elif isinstance(record, records.Abort):
             self.backend.abort(record.rid)
         elif isinstance(record, records.Shutdown):
@@ -79,8 +79,9 @@ class EngineLoop:
             if self.channel.try_send(payload):
                 return
         for d in deltas:
-            old = pending.get(d.rid)
-            pending[d.rid] = d if old is None else records.merge(old, d)
+            key = (d.rid, d.index)
+            old = pending.get(key)
+            pending[key] = d if old is None else records.merge(old, d)
         if not pending:
             return
         step = records.Step(tuple(pending.values()))
@@ -104,7 +105,7 @@ class EngineLoop:
         running, waiting = self.backend.occupancy()
         stats = records.Stats(
             running, waiting, self.steps, self.tokens, self.merged_steps, self.backend.preemptions,
-            self._max_step,
+            self._max_step, self.backend.prefill_tokens,
         )
         if self.channel.try_send(records.encode(stats)):
             self._max_step = 0.0
@@ -134,7 +135,7 @@ class EngineLoop:
             self.publish(deltas)
             if backend.dropped:
                 for rid in backend.dropped:
-                    self.send(records.Failed(rid, "cancelled", "the request was cancelled"))
+                    self.send(records.Failed(rid, records.FailCode.cancelled, "the request was cancelled"))
                 backend.dropped.clear()
         elif self._pending:
             self.publish([])  # retry what a full ring held back

@@ -12,17 +12,55 @@ A request is addressed by ``rid``, a small integer the front allocates per engin
 
 from __future__ import annotations
 
-from typing import Literal, Union
+import enum
+from typing import Union
 
 import msgspec
 
 _STRUCT = dict(array_like=True, omit_defaults=True, gc=False, frozen=True)
 
 
+class ToolCall(msgspec.Struct, **_STRUCT):
+    """A complete function call: parsed from the output in the engine, or fed back in a chat."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text of an object
+
+
 class ChatMessage(msgspec.Struct, **_STRUCT):
     role: str
     content: str
     name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's earlier calls, fed back
+    tool_call_id: str | None = None  # a tool result: the call it answers
+
+
+class Tool(msgspec.Struct, **_STRUCT):
+    name: str
+    description: str = ""
+    parameters: str = "{}"  # JSON Schema text
+
+
+class ToolChoice(enum.StrEnum):
+    none = "none"
+    auto = "auto"
+    required = "required"
+    named = "named"  # exactly the tool named in ``Generation.tool_name``
+
+
+class Generation(msgspec.Struct, **_STRUCT):
+    """What a request asks of the output beyond sampling: choices, logprobs, constraints, tools."""
+
+    n: int = 1
+    logprobs: int = -1  # -1: none; 0: the chosen token's; k: and the top k alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: str | None = None  # an llguidance grammar (validated by the front)
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice.auto
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+    echo: bool = False  # completions: the prompt's text comes first in the output
 
 
 class SamplingParams(msgspec.Struct, **_STRUCT):
@@ -52,6 +90,7 @@ class Submit(msgspec.Struct, tag=1, **_STRUCT):
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
     prompt_ids: bytes | None = None
+    gen: Generation = Generation()
 
 
 class Abort(msgspec.Struct, tag=2, **_STRUCT):
@@ -72,11 +111,29 @@ class Blob(msgspec.Struct, tag=4, **_STRUCT):
 
 # ---- engine → front -------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+class FinishReason(enum.StrEnum):
+    stop = "stop"  # end of turn, a stop string, or the grammar complete
+    length = "length"  # max_tokens, or the context is full
+    tool_calls = "tool_calls"  # the output was one or more tool calls
+
+
+class TopLogprob(msgspec.Struct, **_STRUCT):
+    token: str
+    logprob: float
+    raw: bytes  # the token's bytes (OpenAI's "bytes")
+
+
+class TokenLogprob(msgspec.Struct, **_STRUCT):
+    """One output token: its text as it appears in the output, its logprob, its alternatives."""
+
+    token: str
+    logprob: float
+    raw: bytes  # the token's bytes (OpenAI's "bytes")
+    top: tuple[TopLogprob, ...] = ()
 
 
 class Delta(msgspec.Struct, **_STRUCT):
-    """One sequence's progress in one engine step."""
+    """One choice's progress in one engine step."""
 
     rid: int
     text: str = ""
@@ -85,10 +142,14 @@ class Delta(msgspec.Struct, **_STRUCT):
     prompt_tokens: int = 0  # set on the first delta and the last one
     completion_tokens: int = 0  # running total
     cached_tokens: int = 0  # prompt tokens reused from the KV cache; set with prompt_tokens
+    index: int = 0  # the choice (n > 1)
+    token_ids: bytes = b""  # the tokens of ``text``, packed int32 (only with logprobs)
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of ``text`` (when asked for)
+    tool_calls: tuple[ToolCall, ...] = ()  # calls completed in this step
 
 
 def merge(older: Delta, newer: Delta) -> Delta:
-    """One delta saying what two consecutive deltas of the same request said."""
+    """One delta saying what two consecutive deltas of the same choice said."""
     return Delta(
         older.rid,
         older.text + newer.text,
@@ -97,6 +158,10 @@ def merge(older: Delta, newer: Delta) -> Delta:
         newer.prompt_tokens or older.prompt_tokens,
         newer.completion_tokens,
         newer.cached_tokens or older.cached_tokens,
+        newer.index,
+        older.token_ids + newer.token_ids,
+        older.logprobs + newer.logprobs,
+        older.tool_calls + newer.tool_calls,
     )
 
 
@@ -114,12 +179,20 @@ class Step(msgspec.Struct, tag=11, **_STRUCT):
     deltas: tuple[Delta, ...]
 
 
+class FailCode(enum.StrEnum):
+    invalid_request = "invalid_request"  # 400
+    context_length_exceeded = "context_length_exceeded"  # 400
+    cancelled = "cancelled"  # the front cancelled it (the client left)
+    engine_error = "engine_error"  # 500
+
+
 class Failed(msgspec.Struct, tag=12, **_STRUCT):
     """One request failed in the engine; the engine itself carries on."""
 
     rid: int
-    code: str  # e.g. "context_length_exceeded", "invalid_request", "engine_error"
+    code: FailCode
     message: str
+    param: str | None = None  # the request field at fault, in the API's notation
 
 
 class Fatal(msgspec.Struct, tag=13, **_STRUCT):
@@ -138,6 +211,7 @@ class Stats(msgspec.Struct, tag=14, **_STRUCT):
     merged_steps: int  # steps whose deltas waited for room in a full event ring
     preemptions: int = 0  # sequences preempted (KV cache full) and recomputed later
     max_step_s: float = 0.0  # the slowest step since the last Stats
+    prefill_tokens: int = 0  # prompt tokens computed since start (reused ones are not)
 
 
 ToEngine = Union[Submit, Abort, Shutdown, Blob]

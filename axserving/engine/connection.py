@@ -199,14 +199,12 @@ class EngineConnection:
             streams = self._streams
             for delta in record.deltas:
                 stream = streams.get(delta.rid)
-                if stream is not None:
-                    stream.push(delta)
-                    if delta.finish_reason is not None:
-                        del streams[delta.rid]
+                if stream is not None and stream.push(delta):
+                    del streams[delta.rid]
         elif isinstance(record, records.Failed):
             failed = self._streams.pop(record.rid, None)
             if failed is not None:
-                failed.fail(from_engine_failure(record.code, record.message))
+                failed.fail(from_engine_failure(record.code, record.message, record.param))
         elif isinstance(record, records.Ready):
             self._warm_step = record.step_s
             if not self.ready.done():
@@ -319,7 +317,7 @@ class EngineConnection:
             await asyncio.sleep(_SEND_RETRY_S)
             if self._closed:
                 raise EngineUnavailable("the model's engine stopped; retry shortly")
-        stream = RequestStream(rid, self._abort, deadline)
+        stream = RequestStream(rid, self._abort, deadline, record.gen.n)
         stream.request = record
         self._streams[rid] = stream
         return stream

@@ -1,10 +1,10 @@
-"""An engine client with no process: the echo test double run as asyncio tasks in the front.
+"""An engine client with no process: the fake backend stepped by an asyncio task in the front.
 
-It behaves as the fake backend does behind the real client (each request streams its prompt's
-words back, one per step, ``max_tokens`` and the stop strings' first word respected) and takes
-the same knobs from :class:`~engine_proc.spec.BackendConfig` options: ``delay_ms`` per step,
-``load_delay_ms`` and ``fail_load=1``. The model manager's and the routes' tests run on it
-in-process, with no engine to spawn.
+It is the fake backend (:mod:`engine_proc.backends.fake`: each request streams its prompt's
+words back, one per step, through the shared output layer) without the rings, and takes the
+same knobs from :class:`~engine_proc.spec.BackendConfig` options: ``delay_ms`` per step,
+``load_delay_ms`` and ``fail_load=1`` (the crash markers are off: there is no process to lose).
+The model manager's and the routes' tests run on it in-process, with no engine to spawn.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any
 
 from axserving.engine.client import EngineClient, EngineState, StateListener
 from axserving.engine.stream import RequestStream
-from axserving.errors import EngineUnavailable
+from axserving.errors import EngineUnavailable, from_engine_failure
+from engine_proc.backends.base import RequestRejected
+from engine_proc.backends.fake import FakeBackend
 from engine_proc.spec import BackendConfig
 from ipc import records
 
@@ -31,7 +33,9 @@ class InprocEngineClient(EngineClient):
         self._on_event = on_event
         self._delay = float(config.option("delay_ms", "2")) / 1000
         self._rids = itertools.count(1)
-        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._backend = FakeBackend(config)
+        self._backend.setup(0.0, markers=False)
+        self._runner: asyncio.Task[None] | None = None
         self._streams: dict[int, RequestStream] = {}
         self._first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._loader: asyncio.Task[None] | None = None
@@ -70,44 +74,30 @@ class InprocEngineClient(EngineClient):
             raise EngineUnavailable(f"model '{self.model_id}' is unavailable: engine {self.state.value}")
         rid = next(self._rids)
         request = build(rid)
-        stream = RequestStream(rid, self._abort, deadline)
+        stream = RequestStream(rid, self._abort, deadline, request.gen.n)
+        try:
+            self._backend.submit(request)
+        except RequestRejected as e:
+            stream.fail(from_engine_failure(e.code, e.message, e.param))
+            return stream
         self._streams[rid] = stream
-        self._tasks[rid] = asyncio.create_task(self._echo(request, stream), name=f"inproc:{rid}")
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run(), name=f"inproc:{self.model_id}")
         self.submitted += 1
         return stream
 
-    async def _echo(self, request: records.Submit, stream: RequestStream) -> None:
-        if request.messages is not None:
-            users = [m.content for m in request.messages if m.role == "user"]
-            source = users[-1] if users else request.messages[-1].content
-        else:
-            source = request.prompt or ""
-        words = [w + " " for w in source.split()] or ["(empty) "]
-        stops = request.params.stop
-        n_prompt = len(source.split())
-        try:
-            for n, word in enumerate(words, 1):
-                await asyncio.sleep(self._delay)
-                if any(word.strip() == s.strip() for s in stops):
-                    stream.push(records.Delta(request.rid, "", 0, "stop", n_prompt, n - 1))
-                    return
-                finish: records.FinishReason | None = None
-                if n >= request.params.max_tokens:
-                    finish = "length"
-                elif n == len(words):
-                    finish = "stop"
-                stream.push(records.Delta(request.rid, word, 1, finish, n_prompt, n))
-                if finish:
-                    return
-        finally:
-            self._tasks.pop(request.rid, None)
-            self._streams.pop(request.rid, None)
+    async def _run(self) -> None:
+        backend, streams = self._backend, self._streams
+        while backend.has_work():
+            await asyncio.sleep(self._delay)
+            for delta in backend.step():
+                stream = streams.get(delta.rid)
+                if stream is not None and stream.push(delta):
+                    del streams[delta.rid]
 
     def _abort(self, rid: int) -> None:
         self._streams.pop(rid, None)
-        task = self._tasks.pop(rid, None)
-        if task is not None:
-            task.cancel()
+        self._backend.abort(rid)
 
     @property
     def inflight(self) -> int:
@@ -129,7 +119,8 @@ class InprocEngineClient(EngineClient):
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.fail(EngineUnavailable("the model's engine stopped; retry shortly"))
-        for task in list(self._tasks.values()):
-            task.cancel()
-        self._tasks.clear()
+        for rid in streams:
+            self._backend.abort(rid)
+        if self._runner is not None:
+            self._runner.cancel()
         self._set_state(EngineState.stopped)

@@ -9,35 +9,54 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from axserving.errors import APIError, RequestTimeout
-from ipc.records import Delta, Submit
+from ipc.records import Delta, Submit, TokenLogprob, ToolCall
 
 _MERGE_AT = 64  # pending text pieces before they are joined into one
 
 
 @dataclass(slots=True)
 class Chunk:
+    """One choice's output since the last read."""
+
     text: str
     n_tokens: int
     finish_reason: str | None
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # this choice's running total
     cached_tokens: int
+    index: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+class _Pending:
+    """A choice's output not yet read, merged; bounded in records however slow the reader."""
+
+    __slots__ = ("parts", "n_tokens", "finish", "completion_tokens", "logprobs", "tool_calls")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.n_tokens = 0
+        self.finish: str | None = None
+        self.completion_tokens = 0
+        self.logprobs: list[TokenLogprob] = []
+        self.tool_calls: list[ToolCall] = []
 
 
 class RequestStream:
-    def __init__(self, rid: int, on_cancel: Callable[[int], None], deadline: float) -> None:
-        """``deadline`` (``time.monotonic()``): past it the request is aborted (RequestTimeout)."""
+    def __init__(self, rid: int, on_cancel: Callable[[int], None], deadline: float, n: int = 1) -> None:
+        """``deadline`` (``time.monotonic()``): past it the request is aborted (RequestTimeout).
+        ``n``: the request's choices; it is complete when each has finished."""
         self.rid = rid
+        self.n = n
         self.request: Submit | None = None  # what was sent, for crash blame
         self._on_cancel = on_cancel
-        self._parts: list[str] = []
-        self._n_tokens = 0
-        self._finish: str | None = None
+        self._pending: dict[int, _Pending] = {}  # by choice, in the order output arrived
+        self._finished = 0
         self._prompt_tokens = 0
-        self._completion_tokens = 0
         self._cached_tokens = 0
         self._error: APIError | None = None
         self._done = False  # the engine is finished with this request (finish or error)
@@ -52,25 +71,35 @@ class RequestStream:
 
     # ---- producer side (the engine connection) -----------------------------------------------
 
-    def push(self, delta: Delta) -> None:
+    def push(self, delta: Delta) -> bool:
+        """Take a choice's delta; True once the request is complete (every choice finished)."""
         if self._done:
-            return
+            return True
+        p = self._pending.get(delta.index)
+        if p is None:
+            p = self._pending[delta.index] = _Pending()
         if delta.text:
-            self._parts.append(delta.text)
-            if len(self._parts) > _MERGE_AT:
-                self._parts = ["".join(self._parts)]
+            p.parts.append(delta.text)
+            if len(p.parts) > _MERGE_AT:
+                p.parts = ["".join(p.parts)]
+        if delta.logprobs:
+            p.logprobs += delta.logprobs
+        if delta.tool_calls:
+            p.tool_calls += delta.tool_calls
         if delta.n_tokens and self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        self._n_tokens += delta.n_tokens
+        p.n_tokens += delta.n_tokens
         self._prompt_tokens = delta.prompt_tokens or self._prompt_tokens
-        self._completion_tokens = delta.completion_tokens
+        p.completion_tokens = delta.completion_tokens
         self._cached_tokens = delta.cached_tokens or self._cached_tokens
         if delta.finish_reason is not None:
-            self._finish = delta.finish_reason
-            self._done = True
-            self._stop_timer()
+            p.finish = delta.finish_reason
+            self._finished += 1
+            if self._finished >= self.n:
+                self._done = True
+                self._stop_timer()
         self._wake.set()
-
+        return self._done
     def fail(self, error: APIError) -> None:
         if self._done:
             return
@@ -98,36 +127,38 @@ class RequestStream:
     # ---- consumer side (the route) -----------------------------------------------------------
 
     async def next(self) -> Chunk | None:
-        """The output since the last call (merged), or None once the final chunk went out.
+        """A choice's output since the last call (merged), or None once every choice's final
+        chunk went out.
 
         Raises the request's :class:`APIError` if the engine failed it, or
         :class:`RequestTimeout` past the deadline (the request is aborted in the engine).
         """
         while True:
-            if self._parts or self._n_tokens or (self._finish is not None and not self._delivered):
+            if self._pending:
                 return self._take()
             if self._error is not None:
                 self._delivered = True
                 raise self._error
-            if self._delivered:
+            if self._delivered or (self._done and self._finished >= self.n):
+                self._delivered = True
                 return None
             self._wake.clear()
             await self._wake.wait()
 
     def _take(self) -> Chunk:
-        chunk = Chunk(
-            "".join(self._parts),
-            self._n_tokens,
-            self._finish,
+        index = next(iter(self._pending))
+        p = self._pending.pop(index)
+        return Chunk(
+            "".join(p.parts),
+            p.n_tokens,
+            p.finish,
             self._prompt_tokens,
-            self._completion_tokens,
+            p.completion_tokens,
             self._cached_tokens,
+            index,
+            p.logprobs,
+            p.tool_calls,
         )
-        self._parts.clear()
-        self._n_tokens = 0
-        if self._finish is not None:
-            self._delivered = True
-        return chunk
 
     def cancel(self) -> None:
         """The client went away or gave up: free the engine's slot. Idempotent."""

@@ -156,6 +156,7 @@ class EngineSupervisor(EngineClient):
             "tokens": stats.tokens if stats else 0,
             "merged_steps": stats.merged_steps if stats else 0,
             "preemptions": stats.preemptions if stats else 0,
+            "prefill_tokens": stats.prefill_tokens if stats else 0,
             "safety_drains": conn.safety_drains if conn is not None else 0,
             "heartbeat_age_secs": round(conn.heartbeat_age(), 3) if conn is not None else None,
             "heartbeat_limit_secs": round(conn.heartbeat_limit(), 3) if conn is not None else None,

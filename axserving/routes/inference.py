@@ -19,7 +19,7 @@ from axserving.generation import InferenceResponse, Job, client_key
 from axserving.responses import ChatShape, CompletionShape
 from axserving.scheduler import Priority
 from axserving.state import app_state
-from ipc.records import SamplingParams, Submit
+from ipc.records import Generation, SamplingParams, Submit
 
 
 async def read_body(request: Request, rest: RestSettings) -> bytes:
@@ -48,17 +48,17 @@ async def read_body(request: Request, rest: RestSettings) -> bytes:
 Build = Callable[[int, SamplingParams], Submit]
 
 
-def _chat_submit(req: protocol.ChatCompletionRequest) -> Build:
+def _chat_submit(req: protocol.ChatCompletionRequest, gen: Generation) -> Build:
     messages = protocol.chat_messages(req)
-    return lambda rid, params: Submit(rid=rid, params=params, messages=messages)
+    return lambda rid, params: Submit(rid=rid, params=params, messages=messages, gen=gen)
 
 
-def _completion_submit(req: protocol.CompletionRequest) -> Build:
+def _completion_submit(req: protocol.CompletionRequest, gen: Generation) -> Build:
     prompt = protocol.completion_prompt(req)
     if isinstance(prompt, str):
-        return lambda rid, params: Submit(rid=rid, params=params, prompt=prompt)
+        return lambda rid, params: Submit(rid=rid, params=params, prompt=prompt, gen=gen)
     ids = prompt.tobytes()
-    return lambda rid, params: Submit(rid=rid, params=params, prompt_ids=ids)
+    return lambda rid, params: Submit(rid=rid, params=params, prompt_ids=ids, gen=gen)
 
 
 async def _serve(
@@ -66,7 +66,7 @@ async def _serve(
     endpoint: str,
     kind: type[protocol.R],
     shape: type[ChatShape | CompletionShape],
-    submit: Callable[[protocol.R], Build],
+    submit: Callable[[protocol.R, Generation], Build],
 ) -> Response:
     state = app_state(request)
     if state.shutting_down:
@@ -76,14 +76,17 @@ async def _serve(
         priority = Priority.parse(req.priority)
     else:
         priority = Priority.parse(request.headers.get("x-priority"), param="X-Priority")
+    sampling = protocol.sampling_params(req)
+    gen = protocol.generation(req)
     job = Job(
         endpoint=endpoint,
         model=req.model,
-        sampling=protocol.sampling_params(req),
+        sampling=sampling,
         shape=shape,
         include_usage=protocol.include_usage(req),
         stream=req.stream,
-        build=submit(req),
+        build=submit(req, gen),
+        gen=gen,
         priority=priority,
         client=client_key(request),
     )

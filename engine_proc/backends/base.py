@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine_proc.spec import BackendConfig
-from ipc.records import Delta, Submit
+from ipc.records import Delta, FailCode, Submit
 
 __all__ = ["Backend", "BackendConfig", "ModelInfo", "RequestRejected"]
 
@@ -34,10 +34,11 @@ class ModelInfo:
 class RequestRejected(Exception):
     """A request the backend refuses; the engine reports it to the front and carries on."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = FailCode(code)
         self.message = message
+        self.param = param  # the request field at fault, if one is
 
 
 class Backend(abc.ABC):
@@ -77,6 +78,8 @@ class Backend(abc.ABC):
     #: Sequences preempted since load because the KV cache was full (their tokens are
     #: recomputed when they run again). Backends without a bounded cache leave it at 0.
     preemptions: int = 0
+    #: Prompt tokens computed since load (prompt tokens reused from the KV cache are not).
+    prefill_tokens: int = 0
 
     def native_heartbeat(self, callback: int, address: int) -> bool:
         """Install ``callback`` (a C ``bool (*)(void *)``, see ``ipc/_fence.c``) for the runtime to

@@ -1,7 +1,12 @@
 """A test double for the engine boundary: echoes the prompt back, word by word.
 
 Like the real backend it runs up to ``max_batch`` requests together (one word per request per
-step) and queues the rest in order, so tests see real interleaving across the rings. Knobs, from ``BackendConfig.options`` (``--backend-option k=v``):
+step) and queues the rest in order, so tests see real interleaving across the rings. Its output
+goes through the shared output layer (:mod:`engine_proc.output`) with a word-level vocabulary,
+so stop strings, ``n``, logprobs (made-up values) and tool-call parsing (echo a ``<tool_call>``)
+behave as they do on a real model. It cannot constrain output: a grammar is refused.
+
+Knobs, from ``BackendConfig.options`` (``--backend-option k=v``):
 
 - ``delay_ms``: sleep this long in every step (default 2), to make streams observable;
 - ``load_delay_ms``: sleep this long in :meth:`load`;
@@ -21,23 +26,65 @@ import os
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import llguidance
 
 from engine_proc.backends.base import Backend, ModelInfo, RequestRejected
-from engine_proc.backends.detok import DetokStream
-from ipc.records import Delta, FinishReason, Submit
+from engine_proc.grammar import GrammarError
+from engine_proc.output import ChoiceOutput
+from engine_proc.tokenizer import Tokenizer
+from ipc.records import Delta, FinishReason, Submit, TokenLogprob, TopLogprob, merge
+
+EOS = 0
+
+
+class WordTokenizer(Tokenizer):
+    """Words (with their trailing space) as tokens, numbered as they are first seen."""
+
+    template = "{{ messages }}"  # a template exists; render() below is what it does
+
+    def __init__(self) -> None:
+        self.n_vocab = 1 << 20
+        self._ids: dict[str, int] = {"": EOS}
+        self._words: list[str] = [""]
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        out = []
+        for word in text.split():
+            word += " "
+            if word not in self._ids:
+                self._ids[word] = len(self._words)
+                self._words.append(word)
+            out.append(self._ids[word])
+        return out
+
+    def piece(self, token: int) -> bytes:
+        return self._words[token].encode()
+
+    def token_text(self, token: int) -> str:
+        return self._words[token]
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOS
+
+    def render(self, messages: list[dict[str, Any]], extra: dict[str, Any]) -> str:
+        return "\n".join(m["content"] for m in messages)
+
+    def guidance(self) -> llguidance.LLTokenizer:
+        raise GrammarError("the fake backend cannot constrain output (use a real model)")
 
 
 @dataclass
 class _Seq:
     rid: int
-    words: list[str]
-    max_tokens: int
-    prompt_tokens: int
+    words: list[int]
+    outs: list[ChoiceOutput]
     crash: bool
     error: bool
-    text: DetokStream
     produced: int = 0
+    done: set[int] = field(default_factory=set)
 
 
 class FakeBackend(Backend):
@@ -50,10 +97,17 @@ class FakeBackend(Backend):
         if while_path and os.path.exists(while_path):
             raise RuntimeError(f"fake backend told to fail loading while {while_path} exists")
         time.sleep(float(self.config.option("load_delay_ms", "0")) / 1000)
-        self._delay = float(self.config.option("delay_ms", "2")) / 1000
+        self.setup(float(self.config.option("delay_ms", "2")) / 1000)
+        return ModelInfo(backend=self.name, n_ctx=self.config.n_ctx, description="echo test double", step_s=self.delay)
+
+    def setup(self, delay: float, markers: bool = True) -> None:
+        """Ready to take requests (``load`` without its knobs; the in-process client calls it).
+        ``markers``: obey ``[[crash]]`` and ``[[error]]``."""
+        self.delay = delay
+        self.markers = markers
+        self.tok = WordTokenizer()
         self._seqs: dict[int, _Seq] = {}  # running
         self._waiting: deque[_Seq] = deque()
-        return ModelInfo(backend=self.name, n_ctx=self.config.n_ctx, description="echo test double", step_s=self._delay)
 
     def submit(self, request: Submit) -> None:
         if request.messages is not None:
@@ -73,24 +127,32 @@ class FakeBackend(Backend):
                 "context_length_exceeded",
                 f"This model's maximum context length is {self.config.n_ctx} tokens. "
                 f"However, your messages resulted in {prompt_tokens} tokens.",
+                "messages" if request.messages is not None else "prompt",
             )
-        words = [w + " " for w in source.split()] or ["(empty) "]
+        if not 1 <= request.gen.n <= max(1, self.config.max_batch):
+            raise RequestRejected("invalid_request", f"n must be between 1 and {self.config.max_batch}", "n")
+        echo = source + " " if request.gen.echo else ""
+        try:
+            outs = [
+                ChoiceOutput(request.rid, i, request.params, request.gen, self.tok, prompt_tokens, echo)
+                for i in range(request.gen.n)
+            ]
+        except GrammarError as e:
+            raise RequestRejected("invalid_request", str(e)) from e
         self._waiting.append(_Seq(
             request.rid,
-            words,
-            request.params.max_tokens,
-            prompt_tokens,
-            crash="[[crash]]" in source,
-            error="[[error]]" in source,
-            text=DetokStream(request.params.stop),
+            self.tok.encode(source, special=False) or self.tok.encode("(empty)", special=False),
+            outs,
+            crash=self.markers and "[[crash]]" in source,
+            error=self.markers and "[[error]]" in source,
         ))
 
     def step(self) -> list[Delta]:
         while self._waiting and len(self._seqs) < max(1, self.config.max_batch):
             seq = self._waiting.popleft()
             self._seqs[seq.rid] = seq
-        if self._delay:
-            time.sleep(self._delay)
+        if self.delay:
+            time.sleep(self.delay)
         deltas: list[Delta] = []
         for seq in [s for s in self._seqs.values() if self.cancelled(s.rid)]:
             del self._seqs[seq.rid]  # as the real backend drops a cancelled prefill
@@ -100,20 +162,21 @@ class FakeBackend(Backend):
                 os.kill(os.getpid(), signal.SIGKILL)
             if seq.error and seq.produced:
                 raise RuntimeError("fake backend told to fail a step")
-            word = seq.words[seq.produced]
+            token = seq.words[seq.produced]
             seq.produced += 1
-            n = seq.produced
-            finish: FinishReason | None = None
-            chunk = seq.text.feed(word.encode())
-            text = chunk.text
-            if chunk.stopped:
-                finish = "stop"
-            elif n >= seq.max_tokens:
-                finish, text = "length", text + seq.text.flush()
-            elif n >= len(seq.words):
-                finish, text = "stop", text + seq.text.flush()
-            deltas.append(Delta(seq.rid, text, 1, finish, seq.prompt_tokens, n))
-            if finish is not None:
+            for out in seq.outs:
+                if out.finish is not None:
+                    continue
+                lp = None
+                if out.gen.logprobs >= 0:
+                    raw = self.tok.piece(token)
+                    alts = (TopLogprob(raw.decode(), -0.25, raw), TopLogprob("<alt> ", -1.5, b"<alt> "))
+                    lp = TokenLogprob("", -0.25, raw, alts[: out.gen.logprobs])
+                delta = out.accept(token, lp)
+                if delta.finish_reason is None and seq.produced >= len(seq.words):
+                    delta = merge(delta, out.end(FinishReason.stop))
+                deltas.append(delta)
+            if all(out.finish is not None for out in seq.outs):
                 del self._seqs[seq.rid]
         return deltas
 

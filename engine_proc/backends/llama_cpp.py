@@ -24,31 +24,24 @@ import array
 import ctypes
 import logging
 import os
-import re
 from collections import deque
-from collections.abc import Sequence
 
 import llama_cpp
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+import msgspec
+import numpy as np
 
 from engine_proc.backends.base import Backend, BackendConfig, ModelInfo, RequestRejected
 from engine_proc.backends.batching import SlotTable, share_budget
-from engine_proc.backends.detok import DetokStream
 from engine_proc.backends.llama_sampling import SamplerChain
-from ipc.records import ChatMessage, Delta, FinishReason, SamplingParams, Submit
+from engine_proc.backends.llama_vocab import LlamaTokenizer
+from engine_proc.grammar import GrammarError
+from engine_proc.output import MAX_TOP_LOGPROBS, ChoiceOutput, token_logprob
+from engine_proc.tokenizer import TemplateError
+from ipc.records import Delta, SamplingParams, Submit
 
 log = logging.getLogger("axserving.engine.llama_cpp")
 
-_NO_TOKEN = -1  # llama.cpp's LLAMA_TOKEN_NULL: the vocab has no such special token
 _KV_FULL = 1  # llama_decode: no KV slot for the batch (nothing was computed; safe to retry)
-
-
-# A message's place in the rendered template: private-use characters no template changes.
-_PLACEHOLDER = re.compile("\ue000([0-9]+)\ue001")
-
-
-def _placeholder(i: int) -> str:
-    return f"\ue000{i}\ue001"
 
 
 def _by_slot(item: tuple[_Sequence, int]) -> int:
@@ -60,26 +53,29 @@ class LlamaDecodeError(RuntimeError):
 
 
 class _Sequence:
-    """A request: its slot (KV sequence id), tokens so far, sampler and text stream.
+    """A choice of a request: its slot (KV sequence id), tokens so far, sampler and output.
 
     ``tokens[:n_past]`` are in the KV cache; ``tokens[n_past:]`` are still to be fed (the prompt
-    while prefilling, then the one token sampled last).
+    while prefilling, then the one token sampled last). A request with ``n > 1`` runs as one
+    sequence that prefills (the leader) and ``followers`` that hold their slots meanwhile; when
+    the prompt is in, each follower copies the leader's KV and draws its first token from the
+    same logits: one prefill for all the choices.
     """
 
     __slots__ = (
-        "n_cached", "n_past", "n_prompt", "params", "rid", "sampler", "slot", "stream", "tokens",
+        "followers", "n_past", "n_prompt", "out", "params", "rid", "sampler", "slot", "tokens",
     )
 
-    def __init__(self, rid: int, params: SamplingParams, prompt: list[int]) -> None:
+    def __init__(self, rid: int, params: SamplingParams, prompt: list[int], out: ChoiceOutput) -> None:
         self.rid = rid
         self.params = params
         self.tokens: list[int] = prompt  # prompt + generated
         self.n_prompt = len(prompt)
         self.n_past = 0
-        self.n_cached = 0  # prompt tokens reused from the cache when it first started
         self.slot = -1
         self.sampler: SamplerChain | None = None
-        self.stream = DetokStream(params.stop)
+        self.out = out
+        self.followers: list[_Sequence] = []
 
     @property
     def n_generated(self) -> int:
@@ -97,16 +93,12 @@ class LlamaCppBackend(Backend):
         super().__init__(config)
         self._llama: llama_cpp.Llama | None = None
         self._ctx: llama_cpp.llama_context_p | None = None
-        self._vocab: llama_cpp.llama_vocab_p | None = None
+        self._tok: LlamaTokenizer | None = None
         self._memory: llama_cpp.llama_memory_t | None = None
         self._batch: llama_cpp.llama_batch | None = None
         self._n_ctx = 0
         self._n_batch = 0
         self._n_vocab = 0
-        self._bos = _NO_TOKEN
-        self._add_bos = False
-        self._chat: Jinja2ChatFormatter | None = None
-        self._piece_buf = ctypes.create_string_buffer(64)
         self._max_piece = 1
         self._beat_cb: object = None  # the ctypes callback object, kept alive while installed
         self._slots = SlotTable(max(1, config.max_batch))
@@ -132,7 +124,7 @@ class LlamaCppBackend(Backend):
             verbose=False,
         )
         self._llama = llama
-        self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        self._tok = LlamaTokenizer(llama)
         n_seq = self._slots.n_slots
         self._n_batch = max(cfg.n_batch, n_seq)
         params = llama_cpp.llama_context_default_params()
@@ -159,12 +151,9 @@ class LlamaCppBackend(Backend):
         llama_cpp.llama_memory_clear(self._memory, True)
         # What one request may use: n_ctx either way (llama.cpp rounds up to a multiple of 256).
         self._n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx)
-        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self._bos = llama_cpp.llama_vocab_bos(self._vocab)
-        self._add_bos = llama_cpp.llama_vocab_get_add_bos(self._vocab)
+        self._n_vocab = self._tok.n_vocab
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
-        self._max_piece = self._longest_piece()
-        self._chat = self._chat_formatter(llama.metadata)
+        self._max_piece = self._tok.longest_piece()
 
         desc = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(llama.model, desc, len(desc))
@@ -185,18 +174,6 @@ class LlamaCppBackend(Backend):
         llama_cpp.llama_set_abort_callback(self._ctx, self._beat_cb, ctypes.c_void_p(address))
         return True
 
-    def _chat_formatter(self, metadata: dict[str, str]) -> Jinja2ChatFormatter | None:
-        template = metadata.get("tokenizer.chat_template")
-        if not template:
-            return None
-        eos = llama_cpp.llama_vocab_eos(self._vocab)
-        return Jinja2ChatFormatter(
-            template=template,
-            eos_token=self._token_text(eos),
-            bos_token=self._token_text(self._bos),
-            add_generation_prompt=True,
-        )
-
     def close(self) -> None:
         for seq in list(self._running):
             self._end(seq, keep_cache=False)
@@ -210,29 +187,78 @@ class LlamaCppBackend(Backend):
         if self._llama is not None:
             self._llama.close()
             self._llama = None
-        self._vocab = self._memory = None
+        self._tok = None
+        self._memory = None
 
     # ---- requests ----------------------------------------------------------------------------
 
     def submit(self, request: Submit) -> None:
-        if request.params.max_tokens < 1:
-            raise RequestRejected("invalid_request", "max_tokens must be at least 1")
+        params, gen, tok = request.params, request.gen, self._tok
+        assert tok is not None, "load() first"
+        if params.max_tokens < 1:
+            raise RequestRejected("invalid_request", "max_tokens must be at least 1", "max_tokens")
+        if not 1 <= gen.n <= self._slots.n_slots:
+            raise RequestRejected(
+                "invalid_request",
+                f"n must be between 1 and {self._slots.n_slots} (this model's max_batch), got {gen.n}",
+                "n",
+            )
+        if gen.logprobs > MAX_TOP_LOGPROBS:
+            raise RequestRejected("invalid_request", f"at most {MAX_TOP_LOGPROBS} top logprobs", "top_logprobs")
+        bad = next((t for t, _ in gen.logit_bias if not 0 <= t < self._n_vocab), None)
+        if bad is not None:
+            raise RequestRejected(
+                "invalid_request", f"logit_bias: token id {bad} is outside the vocabulary (size {self._n_vocab})",
+                "logit_bias",
+            )
         self._check_size(request)
+        echo = ""
         if request.messages is not None:
-            prompt, what = self._chat_tokens(request.messages), "messages"
+            what = "messages"
+            try:
+                trusted = self.config.option("special_tokens_in_messages") == "1"
+                prompt = tok.chat_tokens(request.messages, gen, trusted)
+            except TemplateError as e:
+                raise RequestRejected("invalid_request", str(e), "messages") from e
         elif request.prompt is not None:
-            prompt, what = self._completion_tokens(request.prompt), "prompt"
+            prompt, what = tok.completion_tokens(request.prompt), "prompt"
+            echo = request.prompt if gen.echo else ""
         elif request.prompt_ids is not None:
             prompt, what = self._token_ids(request.prompt_ids), "prompt"
+            echo = tok.detokenize(prompt) if gen.echo else ""
         else:
             raise RequestRejected("invalid_request", "request has neither messages nor prompt")
+        if not prompt:
+            raise RequestRejected("invalid_request", "prompt is empty", "prompt")
         if len(prompt) >= self._n_ctx:
             raise RequestRejected(
                 "context_length_exceeded",
                 f"This model's maximum context length is {self._n_ctx} tokens. However, your "
                 f"{what} resulted in {len(prompt)} tokens. Please reduce the length of the {what}.",
+                what,
             )
-        self._waiting.append(_Sequence(request.rid, request.params, prompt))
+        try:
+            choices = [
+                _Sequence(
+                    request.rid,
+                    p := self._choice_params(params, i),
+                    list(prompt),
+                    ChoiceOutput(request.rid, i, p, gen, tok, len(prompt), echo),
+                )
+                for i in range(gen.n)
+            ]
+        except GrammarError as e:
+            raise RequestRejected("invalid_request", f"the grammar cannot be used: {e}") from e
+        leader = choices[0]
+        leader.followers = choices[1:]
+        self._waiting.append(leader)
+
+    @staticmethod
+    def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+        """Each choice draws its own stream: a request's seed, offset by the choice's index."""
+        if index == 0 or params.seed is None:
+            return params
+        return msgspec.structs.replace(params, seed=params.seed + index)
 
     def _check_size(self, request: Submit) -> None:
         """Refuse, before tokenizing, a prompt that cannot fit: no token is longer than the
@@ -252,43 +278,8 @@ class LlamaCppBackend(Backend):
                 "context_length_exceeded",
                 f"This model's maximum context length is {self._n_ctx} tokens. However, your {what} "
                 f"has {n} {unit}, more than {self._n_ctx} tokens can hold. Please reduce the length of the {what}.",
+                what,
             )
-
-    def _longest_piece(self) -> int:
-        """Bytes of the vocabulary's longest token (at load: one pass over the vocabulary)."""
-        return max((len(self._piece(t)) for t in range(self._n_vocab)), default=1) or 1
-
-    def _chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
-        if self._chat is None:
-            raise RequestRejected(
-                "invalid_request", "model has no chat template; use /v1/completions"
-            )
-        trusted = self.config.option("special_tokens_in_messages") == "1"
-        # Each message's text goes through the template as a placeholder, so that only the
-        # template's own structure is tokenized with special tokens; the messages' text is
-        # tokenized as text. Otherwise "<|im_start|>system" typed by a user becomes a real turn.
-        rendered = [
-            {"role": m.role, "content": m.content if trusted else _placeholder(i)}
-            | ({"name": m.name} if m.name else {})
-            for i, m in enumerate(messages)
-        ]
-        try:
-            text = self._chat(messages=rendered).prompt  # type: ignore[arg-type]
-        except Exception as e:  # jinja2 errors and the template's own raise_exception
-            raise RequestRejected("invalid_request", f"chat template failed: {e}") from e
-        if trusted:
-            tokens = self._tokenize(text, add_bos=False)
-        else:
-            tokens = []
-            for j, part in enumerate(_PLACEHOLDER.split(text)):
-                if j % 2 == 0:  # the template's text
-                    tokens += self._tokenize(part, add_bos=False) if part else []
-                else:  # a message's text: no special tokens
-                    tokens += self._tokenize_text(messages[int(part)].content)
-        # Most templates that want a BOS write it themselves; add one only if it is missing.
-        if self._add_bos and self._bos != _NO_TOKEN and tokens[:1] != [self._bos]:
-            tokens.insert(0, self._bos)
-        return tokens
 
     def _token_ids(self, packed: bytes) -> list[int]:
         ids = array.array("i")
@@ -296,59 +287,62 @@ class LlamaCppBackend(Backend):
         bad = next((t for t in ids if not 0 <= t < self._n_vocab), None)
         if bad is not None:
             raise RequestRejected(
-                "invalid_request", f"token id {bad} is outside the model's vocabulary (size {self._n_vocab})"
+                "invalid_request", f"token id {bad} is outside the model's vocabulary (size {self._n_vocab})", "prompt"
             )
         return ids.tolist()
 
-    def _completion_tokens(self, prompt: str) -> list[int]:
-        tokens = self._tokenize(prompt, add_bos=True)  # llama.cpp adds BOS iff the model wants
-        if not tokens and self._bos != _NO_TOKEN:
-            tokens = [self._bos]  # an empty prompt: start from BOS as llama-cpp-python does
-        if not tokens:
-            raise RequestRejected("invalid_request", "prompt is empty")
-        return tokens
-
-    def _tokenize(self, text: str, add_bos: bool) -> list[int]:
-        assert self._llama is not None, "load() first"
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
-
-    def _tokenize_text(self, text: str) -> list[int]:
-        """Text as text: special-token markup in it stays characters."""
-        assert self._llama is not None, "load() first"
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
-
     def abort(self, rid: int) -> None:
-        for seq in self._running:
-            if seq.rid == rid:
-                self._end(seq, keep_cache=False)  # the KV is freed now, not kept as a cache
-                return
-        for seq in self._waiting:
-            if seq.rid == rid:
-                self._waiting.remove(seq)
-                self._free_sampler(seq)
-                return
+        """Drop every choice of the request; their KV is freed now, not kept as a cache."""
+        for seq in [s for s in self._running if s.rid == rid]:
+            self._end(seq, keep_cache=False)
+        for seq in [s for s in self._waiting if s.rid == rid]:
+            self._waiting.remove(seq)
+            self._park_followers(seq, release=True)
+            self._free_sampler(seq)
 
     def has_work(self) -> bool:
         return bool(self._running) or bool(self._waiting)
 
     def occupancy(self) -> tuple[int, int]:
-        return len(self._running), len(self._waiting)
+        parked = sum(len(s.followers) for s in self._running)
+        return len(self._running) + parked, sum(1 + len(s.followers) for s in self._waiting)
 
     # ---- scheduling --------------------------------------------------------------------------
 
     def _admit(self) -> None:
         """Start waiting requests while there are free slots (FIFO; preempted ones first)."""
-        while self._waiting and self._slots.has_free() and not self._admit_blocked:
-            seq = self._waiting.popleft()
+        slots = self._slots
+        while self._waiting and not self._admit_blocked:
+            seq = self._waiting[0]
+            if slots.n_slots - slots.running < 1 + len(seq.followers):
+                break  # a request's choices start together (they share its prefill)
+            self._waiting.popleft()
             running_kv = {s.slot: (s.tokens, s.n_past) for s in self._running}
-            place = self._slots.place(seq.tokens, running_kv)
+            place = slots.place(seq.tokens, running_kv)
             reuse = self._place_kv(place.slot, place.donor, place.reuse)
             seq.slot = place.slot
             seq.n_past = reuse
             if seq.sampler is None:  # first start (a preempted sequence keeps its sampler)
-                seq.n_cached = reuse
-                seq.sampler = SamplerChain(seq.params, self._n_vocab)
+                seq.out.n_cached = reuse
+                seq.sampler = self._sampler(seq)
+            for f in seq.followers:  # their KV is copied from the leader's once it is prefilled
+                f.slot = slots.place(f.tokens, {}).slot
+                llama_cpp.llama_memory_seq_rm(self._memory, f.slot, -1, -1)
+                f.sampler = f.sampler or self._sampler(f)
             self._running.append(seq)
+
+    def _sampler(self, seq: _Sequence) -> SamplerChain:
+        return SamplerChain(seq.params, self._n_vocab, seq.out.gen.logit_bias)
+
+    def _park_followers(self, seq: _Sequence, release: bool) -> None:
+        """Give back the slots of a leader's followers (preempted: they are placed again when it
+        restarts; ``release``: the request is gone, free their samplers too)."""
+        for f in seq.followers:
+            if f.slot >= 0:
+                self._slots.release(f.slot, None)
+                f.slot = -1
+            if release:
+                self._free_sampler(f)
 
     def _place_kv(self, slot: int, donor: int | None, reuse: int) -> int:
         """Make ``slot``'s KV hold exactly the first ``reuse`` tokens; return what it holds."""
@@ -370,6 +364,8 @@ class LlamaCppBackend(Backend):
     def _end(self, seq: _Sequence, keep_cache: bool) -> None:
         """Take a running sequence out; keep its KV as a prefix-cache entry, or free it."""
         self._running.remove(seq)
+        self._park_followers(seq, release=True)
+        seq.followers = []
         self._free_sampler(seq)
         if not keep_cache and self._memory is not None:
             llama_cpp.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
@@ -393,6 +389,7 @@ class LlamaCppBackend(Backend):
         seq = self._running.pop()
         llama_cpp.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
         self._slots.release(seq.slot, None)
+        self._park_followers(seq, release=False)
         seq.n_past = 0
         self._waiting.appendleft(seq)
         self._admit_blocked = True
@@ -407,7 +404,8 @@ class LlamaCppBackend(Backend):
             raise RuntimeError("LlamaCppBackend.step() before load() or after close()")
         for seq in [s for s in self._running if s.pending > 1 and self.cancelled(s.rid)]:
             self._end(seq, keep_cache=False)  # cancelled mid-prefill; its Abort follows
-            self.dropped.append(seq.rid)
+            if seq.rid not in self.dropped:
+                self.dropped.append(seq.rid)
         self._admit()
         if not self._running:
             return []
@@ -422,15 +420,39 @@ class LlamaCppBackend(Backend):
                 raise LlamaDecodeError(f"llama_decode returned {rc} (requests {rids})")
         deltas: list[Delta] = []
         for seq, n in zip(list(self._running), plan, strict=True):
+            if seq.n_past < seq.n_prompt:
+                self.prefill_tokens += min(seq.n_past + n, seq.n_prompt) - seq.n_past
             seq.n_past += n
         for seq, idx in outputs:
-            assert seq.sampler is not None
-            token = seq.sampler.sample(self._ctx, idx)
-            delta = self._advance(seq, token)
-            deltas.append(delta)
-            if delta.finish_reason is not None:
-                self._end(seq, keep_cache=True)
+            followers = seq.followers if seq.n_generated == 0 else []
+            deltas.append(self._draw(seq, idx))
+            for f in followers:  # the prompt is in: the other choices start from it
+                llama_cpp.llama_memory_seq_cp(self._memory, seq.slot, f.slot, -1, -1)
+                f.n_past = seq.n_prompt
+                f.out.n_cached = seq.out.n_cached
+                self._running.append(f)
+                deltas.append(self._draw(f, idx))
+            seq.followers = []
+        for seq in [s for s in self._running if s.out.finish is not None]:
+            self._end(seq, keep_cache=True)
         return deltas
+
+    def _draw(self, seq: _Sequence, idx: int) -> Delta:
+        """Draw the sequence's next token from the ``idx``-th logits and turn it into output."""
+        out, ctx = seq.out, self._ctx
+        assert seq.sampler is not None and self._tok is not None
+        logits = None
+        if out.constraint is not None or out.gen.logprobs >= 0:
+            ptr = llama_cpp.llama_get_logits_ith(ctx, idx)
+            logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+            if out.constraint is not None:
+                out.constraint.apply(logits)  # in place: the native sampler reads these logits
+        token = seq.sampler.sample(ctx, idx)
+        seq.tokens.append(token)
+        lp = None
+        if logits is not None and out.gen.logprobs >= 0:
+            lp = token_logprob(logits, token, out.gen.logprobs, self._tok)
+        return out.accept(token, lp, at_limit=len(seq.tokens) >= self._n_ctx)
 
     def _fill_batch(self, plan: list[int]) -> list[tuple[_Sequence, int]]:
         """Write this step's tokens into the batch; return (sequence, output index) for each
@@ -462,45 +484,3 @@ class LlamaCppBackend(Backend):
                 outputs.append((seq, i - 1))
         batch.n_tokens = i
         return outputs
-
-    def _advance(self, seq: _Sequence, token: int) -> Delta:
-        """Record a sampled token and turn it into this step's delta."""
-        seq.tokens.append(token)
-        params = seq.params
-        finish: FinishReason | None = None
-        if not params.ignore_eos and llama_cpp.llama_vocab_is_eog(self._vocab, token):
-            text, finish = seq.stream.flush(), "stop"
-        else:
-            chunk = seq.stream.feed(self._piece(token))
-            text = chunk.text
-            if chunk.stopped:
-                finish = "stop"
-            elif seq.n_generated >= params.max_tokens or len(seq.tokens) >= self._n_ctx:
-                text, finish = text + seq.stream.flush(), "length"
-        return Delta(
-            rid=seq.rid,
-            text=text,
-            n_tokens=1,
-            finish_reason=finish,
-            prompt_tokens=seq.n_prompt,
-            completion_tokens=seq.n_generated,
-            cached_tokens=seq.n_cached,
-        )
-
-    # ---- vocab helpers -----------------------------------------------------------------------
-
-    def _piece(self, token: int) -> bytes:
-        """The token's bytes; control tokens (end-of-turn, ...) render as nothing."""
-        buf = self._piece_buf
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        if n < 0:  # the buffer is too small; -n is the size needed
-            buf = self._piece_buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
-
-    def _token_text(self, token: int) -> str:
-        if token == _NO_TOKEN:
-            return ""
-        text: bytes = llama_cpp.llama_vocab_get_text(self._vocab, token)
-        return text.decode("utf-8", "replace")
-

@@ -8,6 +8,7 @@ temperature, then a seeded draw; temperature 0 is a plain argmax after the penal
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import llama_cpp
 
@@ -38,13 +39,21 @@ def _has_penalties(params: SamplingParams) -> bool:
 class SamplerChain:
     """Owns one ``llama_sampler`` chain; call :meth:`free` exactly once when the sequence ends."""
 
-    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+    def __init__(
+        self, params: SamplingParams, n_vocab: int, logit_bias: Sequence[tuple[int, float]] = ()
+    ) -> None:
         self._chain: llama_cpp.llama_sampler_p | None = llama_cpp.llama_sampler_chain_init(
             llama_cpp.llama_sampler_chain_default_params()
         )
         if self._chain is None:
             raise MemoryError("llama_sampler_chain_init failed")
         # The chain takes ownership of every sampler added to it and frees them with itself.
+        if logit_bias:
+            # OpenAI's logit_bias is added to the logits before sampling; -100 bans a token.
+            biases = (llama_cpp.llama_logit_bias * len(logit_bias))(
+                *(llama_cpp.llama_logit_bias(t, b) for t, b in logit_bias)
+            )
+            self._add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(logit_bias), biases))
         if _has_penalties(params):
             self._add(
                 llama_cpp.llama_sampler_init_penalties(

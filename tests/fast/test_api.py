@@ -171,7 +171,32 @@ CHAT = "/v1/chat/completions"
     ("body", "status", "param"),
     [
         ({"model": "default"}, 400, "messages"),
-        ({"model": None, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
+        ({"model": None, "messages": [{"role": "user", "content": "x"}], "n": 17}, 400, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "sound"}}, 400, "response_format.type"),
+        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}, 400,
+         "response_format.json_schema.schema"),
+        ({"messages": [{"role": "user", "content": "x"}],
+          "response_format": {"type": "json_schema", "json_schema": {"name": "a", "strict": True,
+                                                                     "schema": {"type": "object", "x-foo": 1, "properties": {"a": {"type": "strin"}}}}}},
+         400, "response_format.json_schema.schema"),
+        ({"messages": [{"role": "user", "content": "x"}], "grammar": "root ::= nope"}, 400, "grammar"),
+        ({"messages": [{"role": "user", "content": "x"}], "grammar": 'root ::= "a"', "response_format": {"type": "json_object"}},
+         400, "grammar"),
+        ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400, "tool_choice"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval", "function": {"name": "f"}}]},
+         400, "tools[0].type"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "a b"}}]},
+         400, "tools[0].function.name"),
+        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 300}}, 400, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+         "messages[0].content[0].type"),
+        ({"messages": [{"role": "tool", "content": "42"}]}, 400, "messages[0].tool_call_id"),
+        ({"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "[1"}}]}]},
+         400, "messages[0].tool_calls[0].function.arguments"),
         ({"model": "default", "messages": "hello"}, 400, "messages"),
         ({"model": "default", "messages": []}, 400, "messages"),
         ({"model": "default", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
@@ -186,11 +211,11 @@ CHAT = "/v1/chat/completions"
         ({"model": "default", "messages": [{"role": "user", "content": "x"}], "top_k": 0}, 422, "top_k"),
         ({"model": "default", "messages": [{"role": "user", "content": "x"}], "repeat_penalty": 0}, 422, "repeat_penalty"),
         ({"model": "default", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}, 422, "presence_penalty"),
-        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 422, "top_logprobs"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
         ({"model": "", "messages": [{"role": "user", "content": "x"}]}, 400, "model"),
         ({"model": "bad model!", "messages": [{"role": "user", "content": "x"}]}, 422, "model"),
         ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
-        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
     ],
 )
 def test_bad_chat_bodies(client: TestClient, body: dict, status: int, param: str) -> None:  # type: ignore[type-arg]
@@ -304,3 +329,106 @@ def test_values_the_engine_cannot_carry_and_deep_json_are_400s(client: TestClien
         assert r.status_code == 400 and "nested too deeply" in err(r)["message"], r.text
     ok = client.post(CHAT, json={"model": "default", "seed": 2**63 - 1, "messages": [{"role": "user", "content": "s"}]})
     assert ok.status_code == 200
+
+
+# ---- the generation surface on the fake backend (the shared output layer behind real rings) -------
+
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def test_n_choices_streaming_and_not(oai: openai.OpenAI) -> None:
+    r = oai.chat.completions.create(messages=[{"role": "user", "content": "a b c"}], n=3, model="default")
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.message.content == "a b c " and c.finish_reason == "stop" for c in r.choices)
+    assert r.usage is not None and r.usage.completion_tokens == 9
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for chunk in oai.chat.completions.create(messages=[{"role": "user", "content": "a b c"}], n=2, stream=True, model="default"):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert texts == {0: "a b c ", 1: "a b c "} and finishes == {0: "stop", 1: "stop"}
+
+
+def test_logprobs_shape_streaming_and_not(oai: openai.OpenAI) -> None:
+    r = oai.chat.completions.create(messages=[{"role": "user", "content": "x y"}], logprobs=True, top_logprobs=2, model="default")
+    lps = r.choices[0].logprobs
+    assert lps is not None and lps.content is not None
+    assert "".join(t.token for t in lps.content) == r.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.bytes == list(t.token.encode()) for t in lps.content)
+    streamed = [t for ch in oai.chat.completions.create(messages=[{"role": "user", "content": "x y"}], logprobs=True,
+                                                         stream=True, model="default")
+                for c in ch.choices if c.logprobs and c.logprobs.content for t in c.logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in lps.content]
+    assert all(t.top_logprobs == [] for t in streamed)
+    plain = oai.chat.completions.create(messages=[{"role": "user", "content": "x y"}], model="default")
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_legacy_logprobs_and_echo(oai: openai.OpenAI) -> None:
+    r = oai.completions.create(model="default", prompt="p q r", logprobs=1)
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.tokens == ["p ", "q ", "r "] and lp.text_offset == [0, 2, 4]
+    assert lp.top_logprobs is not None and all(len(t) == 1 for t in lp.top_logprobs)
+    e = oai.completions.create(model="default", prompt="p q", echo=True)
+    assert e.choices[0].text == "p q p q "
+
+
+def test_tool_calls_parsed_streamed_and_reassembled(oai: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": f"ok {CALL}"}]
+    r = oai.chat.completions.create(model="default", messages=msgs, tools=TOOLS)  # type: ignore[arg-type]
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "ok "
+    call = choice.message.tool_calls[0]  # type: ignore[index]
+    assert call.type == "function" and call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert call.function.arguments == '{"city": "Paris"}'  # type: ignore[union-attr]
+    parts: dict[int, dict[str, str]] = {}
+    finish = None
+    content = ""
+    for ch in oai.chat.completions.create(model="default", messages=msgs, tools=TOOLS, stream=True):  # type: ignore[arg-type]
+        d = ch.choices[0].delta
+        content += d.content or ""
+        for tc in d.tool_calls or []:
+            p = parts.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+            p["id"] += tc.id or ""
+            p["name"] += (tc.function.name or "") if tc.function else ""
+            p["arguments"] += (tc.function.arguments or "") if tc.function else ""
+        finish = ch.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and content == "ok "
+    assert [(p["name"], p["arguments"]) for p in parts.values()] == [("get_weather", '{"city": "Paris"}')]
+    assert parts[0]["id"].startswith("call_")
+    # tool_choice none: no parsing, the text is the text
+    r = oai.chat.completions.create(model="default", messages=msgs, tools=TOOLS, tool_choice="none")  # type: ignore[arg-type]
+    assert r.choices[0].message.tool_calls is None and "<tool_call>" in (r.choices[0].message.content or "")
+
+
+def test_a_tool_round_trip_is_accepted(oai: openai.OpenAI) -> None:
+    msgs = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    r = oai.chat.completions.create(model="default", messages=msgs, tools=TOOLS)  # type: ignore[arg-type]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_the_fake_refuses_a_grammar_clearly(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}],
+                                    response_format={"type": "json_object"})
+    assert "constrain" in e.value.message
+
+
+def test_model_may_be_omitted(client: TestClient) -> None:
+    r = client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.json()["model"] == "default"
+
+
+def test_n_above_the_batch_is_a_400_naming_n(client: TestClient) -> None:
+    r = client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "n": 16})
+    assert r.status_code == 400 and err(r)["param"] == "n"

@@ -147,7 +147,7 @@ def test_a_shared_system_prompt_is_reused_from_the_cache(backend: LlamaCppBacken
     first = run(backend, [chat(800, PROMPTS[0], system=SYSTEM)])[800]
     assert first[-1].cached_tokens == 0 or first[-1].cached_tokens < 20  # maybe the template head
     second = run(backend, [chat(801, PROMPTS[1], system=SYSTEM)])[801]
-    n_system = len(backend._tokenize(SYSTEM, add_bos=False))
+    n_system = len(backend._tok.encode(SYSTEM, special=True))
     assert second[-1].cached_tokens >= n_system
     assert second[-1].cached_tokens < second[-1].prompt_tokens
 
@@ -159,7 +159,7 @@ def test_concurrent_requests_share_a_prefix_with_a_running_one(unified: LlamaCpp
     backend.submit(chat(900, PROMPTS[0], system=system, max_tokens=20))
     backend.step()  # 900 is prefilled and running
     got = run(backend, [chat(901, PROMPTS[2], system=system, max_tokens=20)])
-    n_system = len(backend._tokenize(system, add_bos=False))
+    n_system = len(backend._tok.encode(system, special=True))
     assert got[901][-1].cached_tokens >= n_system
     assert got[900][-1].finish_reason is not None
 
