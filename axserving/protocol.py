@@ -138,6 +138,12 @@ class _Sampling(msgspec.Struct, kw_only=True):
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: list[Message]
     max_completion_tokens: int | None = None
+    # Fields we know and cannot honour: a 400 naming them, not silence (see _unsupported).
+    audio: Any = None
+    modalities: list[str] | None = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[ToolDef] | None = None
@@ -403,7 +409,18 @@ def _grammar(req: ChatCompletionRequest | CompletionRequest) -> str | None:
         raise InvalidRequest(f"the schema cannot be used: {e}", param=param) from e
 
 
+def _unsupported(req: ChatCompletionRequest) -> None:
+    if req.audio is not None or (req.modalities and set(req.modalities) - {"text"}):
+        raise InvalidRequest("audio output is not supported; this server generates text", param="audio" if req.audio is not None else "modalities")
+    if req.web_search_options is not None:
+        raise InvalidRequest("web search is not supported", param="web_search_options")
+    for legacy in ("functions", "function_call"):
+        if getattr(req, legacy) is not None:
+            raise InvalidRequest(f"'{legacy}' is deprecated and not supported; use 'tools' and 'tool_choice'", param=legacy)
+
+
 def _with_tools(req: ChatCompletionRequest, gen: Generation) -> Generation:
+    _unsupported(req)
     tools: list[Tool] = []
     names: set[str] = set()
     for i, t in enumerate(req.tools or ()):

@@ -195,6 +195,8 @@ CHAT = "/v1/chat/completions"
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
          "messages[0].content[0].type"),
         ({"messages": [{"role": "tool", "content": "42"}]}, 400, "messages[0].tool_call_id"),
+        ({"messages": [{"role": "user", "content": "x"}], "modalities": ["text", "audio"]}, 400, "modalities"),
+        ({"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}, 400, "functions"),
         ({"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "[1"}}]}]},
          400, "messages[0].tool_calls[0].function.arguments"),
         ({"model": "default", "messages": "hello"}, 400, "messages"),

@@ -88,7 +88,8 @@ def test_evict_goes_least_recently_used_first() -> None:
 def test_decoders_always_get_their_token_and_prefill_shares_the_rest() -> None:
     assert share_budget([1, 1, 1], 2) == [1, 1, 1]  # never starve a running stream
     assert share_budget([1, 900, 1, 300], 512) == [1, 510, 1, 0]
-    assert share_budget([300, 300, 1], 512) == [300, 211, 1]
+    assert share_budget([300, 300, 1], 512) == [299, 212, 1]  # a prompt's last token waits
+    assert share_budget([2], 512) == [1]
     assert share_budget([], 512) == []
 
 

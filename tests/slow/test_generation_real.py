@@ -74,8 +74,10 @@ def test_json_schema_output_validates(oai: openai.OpenAI, schema: dict[str, Any]
 
 
 def test_json_object_and_gbnf(oai: openai.OpenAI) -> None:
-    r = oai.chat.completions.create(model="default", messages=ASK, temperature=0, max_tokens=120,
+    as_json = [{"role": "user", "content": "Reply with a JSON object with the keys name and age for Rex, 3."}]
+    r = oai.chat.completions.create(model="default", messages=as_json, temperature=0, max_tokens=200,
                                     response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
     g = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "Is the sky blue?"}],
                                     temperature=0, max_tokens=10, extra_body={"grammar": 'root ::= "yes" | "no"'})
