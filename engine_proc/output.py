@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import array
 import codecs
+import logging
 from collections import deque
 
 import numpy as np
@@ -43,6 +44,8 @@ from ipc.records import (
 )
 
 MAX_TOP_LOGPROBS = 20
+
+log = logging.getLogger("axserving.engine.output")
 
 
 def constraint_for(gen: Generation, tokenizer: Tokenizer) -> Constraint | None:
@@ -127,7 +130,9 @@ class ChoiceOutput:
         self.n_generated += 1
         params, finish = self.params, None
         if self.constraint is not None and not self.constraint.consume(token):
-            raise RuntimeError(f"the grammar refused token {token}: {self.constraint.error()}")
+            # Cannot happen with the mask applied; if it does, end this choice, not the engine.
+            log.error("request %d: the grammar refused token %d: %s", self.rid, token, self.constraint.error())
+            return self.end(FinishReason.stop)
         if not params.ignore_eos and self.tok.is_eog(token):
             text, finish = self._detok.flush(), FinishReason.stop
             self._sent += len(text)

@@ -151,21 +151,22 @@ class SlotTable:
         return slot
 
 
-def share_budget(pending: Sequence[int], budget: int) -> list[int]:
+def share_budget(pending: Sequence[int], budget: int, exact: Sequence[bool] = ()) -> list[int]:
     """Tokens each sequence feeds this step, given how many each has pending (in admission order).
 
     Decoding sequences (one pending token) always get it; prefilling sequences share what is
-    left of ``budget``, oldest first. A prompt's last token is held for a later step, where it
-    is fed as decoding tokens are: the first output's logits are then computed the same way
-    whether the prompt was prefilled or found in the cache (llama.cpp's logits for a row differ
-    in the second decimal with the number of rows computed with it), so a seed reproduces a
-    reply whatever the cache held. A step always makes progress if anything is pending.
+    left of ``budget``, oldest first. For sequences marked ``exact`` (seeded sampling) a prompt's
+    last token is held for a later step, where it is fed as decoding tokens are: the first
+    output's logits are then computed the same way whether the prompt was prefilled or found in
+    the cache (llama.cpp's logits for a row differ in the second decimal with the number of rows
+    computed with it), so a seed reproduces a reply whatever the cache held, at the cost of one
+    step of time to first token. A step always makes progress if anything is pending.
     """
     out = [1 if p == 1 else 0 for p in pending]
     left = max(budget - sum(out), 0)
     for i, p in enumerate(pending):
         if p > 1 and left > 0:
-            out[i] = min(p - 1, left)
+            out[i] = min(p - 1 if exact and exact[i] else p, left)
             left -= out[i]
     if not any(out) and pending:
         first = next(i for i, p in enumerate(pending) if p > 0)

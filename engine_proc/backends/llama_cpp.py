@@ -63,7 +63,7 @@ class _Sequence:
     """
 
     __slots__ = (
-        "followers", "n_past", "n_prompt", "out", "params", "rid", "sampler", "slot", "tokens",
+        "exact", "followers", "n_past", "n_prompt", "out", "params", "rid", "sampler", "slot", "tokens",
     )
 
     def __init__(self, rid: int, params: SamplingParams, prompt: list[int], out: ChoiceOutput) -> None:
@@ -76,6 +76,9 @@ class _Sequence:
         self.sampler: SamplerChain | None = None
         self.out = out
         self.followers: list[_Sequence] = []
+        # Seeded sampling: its first logits are computed alone, cached prefix or not (see
+        # batching.share_budget), so the seed reproduces the reply.
+        self.exact = params.seed is not None and params.temperature > 0
 
     @property
     def n_generated(self) -> int:
@@ -410,7 +413,9 @@ class LlamaCppBackend(Backend):
         if not self._running:
             return []
         while True:
-            plan = share_budget([s.pending for s in self._running], self._n_batch)
+            plan = share_budget(
+                [s.pending for s in self._running], self._n_batch, [s.exact for s in self._running]
+            )
             outputs = self._fill_batch(plan)
             rc = llama_cpp.llama_decode(self._ctx, self._batch)
             if rc == 0:

@@ -88,14 +88,18 @@ def test_evict_goes_least_recently_used_first() -> None:
 def test_decoders_always_get_their_token_and_prefill_shares_the_rest() -> None:
     assert share_budget([1, 1, 1], 2) == [1, 1, 1]  # never starve a running stream
     assert share_budget([1, 900, 1, 300], 512) == [1, 510, 1, 0]
-    assert share_budget([300, 300, 1], 512) == [299, 212, 1]  # a prompt's last token waits
-    assert share_budget([2], 512) == [1]
+    assert share_budget([300, 300, 1], 512) == [300, 211, 1]
+    assert share_budget([300, 300, 1], 512, [True, False, False]) == [299, 212, 1]  # its last token waits
+    assert share_budget([2], 512, [True]) == [1]
     assert share_budget([], 512) == []
 
 
-@given(st.lists(st.integers(1, 2000), min_size=1, max_size=16), st.integers(1, 1024))
-def test_budget_is_respected_and_a_step_always_progresses(pending: list[int], budget: int) -> None:
-    out = share_budget(pending, budget)
+@given(st.lists(st.tuples(st.integers(1, 2000), st.booleans()), min_size=1, max_size=16), st.integers(1, 1024))
+def test_budget_is_respected_and_a_step_always_progresses(seqs: list[tuple[int, bool]], budget: int) -> None:
+    pending = [p for p, _ in seqs]
+    exact = [e for _, e in seqs]
+    out = share_budget(pending, budget, exact)
+    assert all(n < p for n, p, e in zip(out, pending, exact, strict=True) if e and p > 1)
     decoders = sum(1 for p in pending if p == 1)
     assert all(0 <= n <= p for n, p in zip(out, pending, strict=True))
     assert sum(out) <= max(budget, decoders)

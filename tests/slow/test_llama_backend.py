@@ -179,7 +179,6 @@ def test_model_without_chat_template_rejects_chat(
 def test_abort_mid_generation_then_new_request(backend: LlamaCppBackend) -> None:
     expected = text_of(drive(backend, chat(16, QUESTION)))
     backend.submit(chat(17, STORY, max_tokens=200))
-    assert backend.step() == []  # the prompt but its last token (which the next step feeds)
     for _ in range(5):
         assert backend.step()
     backend.abort(17)
