@@ -6,7 +6,9 @@ packaged model: one stream, then 8 together, each ``--tokens`` long, rounds alte
 - plain: no grammar, no logprobs (ignore_eos, so every run is the same length);
 - logprobs: ``top_logprobs=5`` (log-softmax over the vocabulary and the top 5, per token);
 - grammar: a GBNF grammar that allows any lowercase text (a mask computed and applied per token);
-- json_schema: a schema whose string field has no bound (the mask follows the JSON state).
+- json_schema: a schema with a long string field (the mask follows the JSON state).
+
+Every request runs to ``--tokens`` (the grammars cannot complete sooner), so the runs compare.
 
     .venv/bin/python perf/structured_cost.py [--rounds 3] [--tokens 96] [--threads 2]
 """
@@ -26,7 +28,8 @@ PROMPT = (ChatMessage("user", "Write a long description of the sea, in lowercase
 
 
 def variants() -> dict[str, Generation]:
-    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    # minLength keeps the JSON open for the whole run: every variant generates the same tokens.
+    schema = {"type": "object", "properties": {"text": {"type": "string", "minLength": 2000}}, "required": ["text"]}
     return {
         "plain": Generation(),
         "logprobs": Generation(logprobs=5),
@@ -44,6 +47,7 @@ def run(backend: LlamaCppBackend, gen: Generation, streams: int, tokens: int, ri
     began = time.perf_counter()
     while backend.has_work():
         n += sum(d.n_tokens for d in backend.step())
+    assert n == streams * tokens, f"{n} tokens, expected {streams * tokens}"
     return n / (time.perf_counter() - began)
 
 
