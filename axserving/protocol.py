@@ -18,7 +18,14 @@ import msgspec
 from axserving.config import SamplingDefaults
 from axserving.errors import InvalidRequest, UnprocessableRequest
 from engine_proc import grammar as grammar_rules
-from ipc.records import ChatMessage, Generation, SamplingParams, Tool, ToolCall, ToolChoice
+from ipc.records import (
+    ChatMessage,
+    Generation,
+    SamplingParams,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
 
 MAX_STOP_SEQUENCES = 16
 _MODEL_ID = re.compile(r"^[A-Za-z0-9._-]+$")

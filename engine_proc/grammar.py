@@ -39,7 +39,7 @@ def json_schema_grammar(schema: dict[str, Any] | bool, strict: bool = True) -> s
         schema = {"type": "object"}  # OpenAI's json_object: some object
     if not isinstance(schema, dict):
         raise GrammarError("the schema must be a JSON object")
-    options = {**JSON_OPTIONS, "lenient": not strict}
+    options: Any = {**JSON_OPTIONS, "lenient": not strict}
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
     except ValueError as e:
@@ -68,7 +68,7 @@ def lark_json(schema: dict[str, Any]) -> str:
 class Constraint:
     """One sequence's grammar state: masks what it may draw next, follows what it drew."""
 
-    __slots__ = ("_matcher", "_mask", "_bits", "_n_vocab")
+    __slots__ = ("_bits", "_mask", "_matcher", "_n_vocab")
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, n_vocab: int) -> None:
         self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)

@@ -96,9 +96,25 @@ class ChoiceOutput:
     """One choice's output state. ``accept`` each drawn token; it returns that step's delta."""
 
     __slots__ = (
-        "rid", "index", "params", "gen", "tok", "n_prompt", "n_cached", "n_generated", "finish",
-        "constraint", "tools", "_detok", "_markers", "_decoder", "_decoded", "_sent", "_entries",
-        "_echo", "_has_calls",
+        "_decoded",
+        "_decoder",
+        "_detok",
+        "_echo",
+        "_entries",
+        "_has_calls",
+        "_markers",
+        "_sent",
+        "constraint",
+        "finish",
+        "gen",
+        "index",
+        "n_cached",
+        "n_generated",
+        "n_prompt",
+        "params",
+        "rid",
+        "tok",
+        "tools",
     )
 
     def __init__(
@@ -148,9 +164,7 @@ class ChoiceOutput:
             chunk = self._detok.feed(raw)
             text = chunk.text
             self._sent += len(text)
-            if chunk.stopped:
-                finish = FinishReason.stop
-            elif self.constraint is not None and self.constraint.done():
+            if chunk.stopped or self.constraint is not None and self.constraint.done():
                 finish = FinishReason.stop
             elif self.n_generated >= params.max_tokens or at_limit:
                 finish = FinishReason.length

@@ -232,7 +232,7 @@ class ToolCallStream:
         if self.done:
             return "", []
         held = self._held + text
-        content, calls = "", []
+        content, calls = "", list[ToolCall]()
         while held:
             if self.calls or calls:
                 held = held.lstrip()  # whitespace between calls is not content

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 
 from ipc.ring import pid_alive
 
@@ -181,3 +183,12 @@ def _group_members(pgid: int) -> list[str]:
         if int(group) == pgid and not stat.startswith("Z"):
             members.append(f"{pid} {stat} {args[:100]}")
     return members
+
+
+def run_smollm(tmp: Path, model: Path) -> contextlib.AbstractContextManager[Server]:
+    """The slow tier's usual server: the packaged SmolLM2, 2 threads, a 2048-token context."""
+    return run_server(tmp, "--model", str(model), "--threads", "2", "--ctx-size", "2048", ready_timeout=180)
+
+
+def openai_client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1, api_key=server.api_key, max_retries=0, timeout=120)

@@ -35,7 +35,7 @@ class Chunk:
 class _Pending:
     """A choice's output not yet read, merged; bounded in records however slow the reader."""
 
-    __slots__ = ("parts", "n_tokens", "finish", "completion_tokens", "logprobs", "tool_calls")
+    __slots__ = ("completion_tokens", "finish", "logprobs", "n_tokens", "parts", "tool_calls")
 
     def __init__(self) -> None:
         self.parts: list[str] = []

@@ -445,7 +445,7 @@ class LlamaCppBackend(Backend):
     def _draw(self, seq: _Sequence, idx: int) -> Delta:
         """Draw the sequence's next token from the ``idx``-th logits and turn it into output."""
         out, ctx = seq.out, self._ctx
-        assert seq.sampler is not None and self._tok is not None
+        assert seq.sampler is not None and self._tok is not None and ctx is not None
         logits = None
         if out.constraint is not None or out.gen.logprobs >= 0:
             ptr = llama_cpp.llama_get_logits_ith(ctx, idx)

@@ -14,10 +14,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from axserving.errors import APIError, from_engine_failure
-from engine_proc.grammar import Constraint, GrammarError, gbnf_grammar, json_schema_grammar, lark_grammar
+from engine_proc.grammar import (
+    Constraint,
+    GrammarError,
+    gbnf_grammar,
+    json_schema_grammar,
+    lark_grammar,
+)
 from engine_proc.output import ChoiceOutput
 from engine_proc.tokenizer import Tokenizer
-from engine_proc.tools import ToolCallStream, ToolFormat, detect, forced_grammar, template_messages
+from engine_proc.tools import (
+    ToolCallStream,
+    ToolFormat,
+    detect,
+    forced_grammar,
+    template_messages,
+)
 from ipc.records import (
     ChatMessage,
     FailCode,

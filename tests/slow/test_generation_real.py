@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server import Server, run_server
+from tests.server import Server, openai_client, run_smollm
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +31,13 @@ TIME = [{"type": "function", "function": {"name": "get_time", "description": "Th
 
 @pytest.fixture(scope="module")
 def server(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("gen")
-    with run_server(tmp, "--model", str(default_model), "--threads", "2", "--ctx-size", "2048",
-                    ready_timeout=180) as s:
+    with run_smollm(tmp_path_factory.mktemp("gen"), default_model) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def oai(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.v1, api_key=server.api_key, max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 # ---- structured output -------------------------------------------------------------------------

@@ -13,7 +13,14 @@ import httpx
 import openai
 import pytest
 
-from tests.server import Server, leaked, run_server, shm_names
+from tests.server import (
+    Server,
+    leaked,
+    openai_client,
+    run_server,
+    run_smollm,
+    shm_names,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -43,15 +50,13 @@ def signal_engine_mid_stream(
 
 @pytest.fixture(scope="module")
 def server(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("real")
-    with run_server(tmp, "--model", str(default_model), "--threads", "2", "--ctx-size", "2048",
-                    ready_timeout=180) as s:
+    with run_smollm(tmp_path_factory.mktemp("real"), default_model) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def oai(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.v1, api_key=server.api_key, max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def test_default_model_is_served_without_model_flag(default_model: Path, tmp_path: Path) -> None:
