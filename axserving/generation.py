@@ -28,7 +28,7 @@ from axserving.engine.stream import Chunk, RequestStream
 from axserving.errors import APIError, InvalidRequest
 from axserving.models.manager import Lease
 from axserving.protocol import RequestSampling
-from axserving.responses import ChatShape, Choice, CompletionShape
+from axserving.responses import Choice, Shape
 from axserving.scheduler import Priority, Ticket
 from axserving.sse import EventStreamResponse
 from axserving.state import AppState, json_response
@@ -48,7 +48,7 @@ class Job:
     endpoint: str
     model: str | None  # as the request named it (an id or alias), None for the default
     sampling: RequestSampling
-    shape: type[ChatShape | CompletionShape]
+    shape: Callable[..., Shape]  # the response's shape (a Shape subclass, or a partial of one)
     include_usage: bool
     stream: bool
     build: Callable[[int, SamplingParams], Submit]
@@ -233,7 +233,7 @@ async def _collect(stream: RequestStream, chunk: Chunk | None, outcome: _Outcome
 
 
 async def _sse(
-    shape: ChatShape | CompletionShape, stream: RequestStream, first: Chunk | None, outcome: _Outcome
+    shape: Shape, stream: RequestStream, first: Chunk | None, outcome: _Outcome
 ) -> AsyncIterator[str]:
     try:
         try:

@@ -234,6 +234,11 @@ class RequestSampling:
     stop: tuple[str, ...]
     ignore_eos: bool
 
+    @classmethod
+    def unset(cls) -> RequestSampling:
+        """Nothing asked for (requests that do not sample: tokenize, apply-template)."""
+        return cls(None, "max_tokens", None, None, None, None, None, 0.0, 0.0, None, (), False)
+
     def resolve(self, defaults: SamplingDefaults, default_max_tokens: int) -> SamplingParams:
         """The request's values, else the model's (config, then the file's own), else OpenAI's."""
 
@@ -490,3 +495,26 @@ def completion_prompt(req: CompletionRequest) -> str | array.array[int]:
 
 def include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """llama-server's /tokenize (``content``), or a chat's prompt (``messages``, with ``tools``)."""
+
+    model: str | None = None
+    content: str | None = None
+    messages: list[Message] | None = None
+    tools: list[ToolDef] | None = None
+    add_special: bool = False
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    tokens: list[int]
+
+
+class ApplyTemplateRequest(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    messages: list[Message]
+    tools: list[ToolDef] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None

@@ -9,6 +9,7 @@ the arguments.
 
 from __future__ import annotations
 
+import array
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,11 +41,15 @@ class Choice:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
+    token_ids: bytes = b""
+    pieces: tuple[bytes, ...] = ()
 
     def add(self, chunk: Chunk) -> None:
         self.parts.append(chunk.text)
         self.logprobs += chunk.logprobs
         self.tool_calls += chunk.tool_calls
+        self.token_ids += chunk.token_ids
+        self.pieces += chunk.pieces
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
 
@@ -205,3 +210,46 @@ class CompletionShape(Shape):
             "logprobs": completion_logprobs(choice.logprobs, 0) if self.logprobs else None,
             "finish_reason": choice.finish_reason,
         }
+
+
+def _ids(packed: bytes) -> list[int]:
+    ids = array.array("i")
+    ids.frombytes(packed)
+    return ids.tolist()
+
+
+@dataclass
+class TokenizeShape(Shape):
+    """llama-server's /tokenize: ``{"tokens": [ids]}``, or with pieces ``[{"id", "piece"}]`` (a
+    piece that is not UTF-8 on its own is its list of bytes)."""
+
+    with_pieces: bool = False
+
+    def complete(
+        self, choices: list[Choice], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict[str, Any]:
+        ids = _ids(choices[0].token_ids)
+        if not self.with_pieces:
+            return {"tokens": ids}
+        return {"tokens": [{"id": t, "piece": _piece(p)} for t, p in zip(ids, choices[0].pieces, strict=True)]}
+
+
+def _piece(raw: bytes) -> str | list[int]:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return list(raw)
+
+
+class DetokenizeShape(Shape):
+    def complete(
+        self, choices: list[Choice], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict[str, Any]:
+        return {"content": choices[0].text}
+
+
+class TemplateShape(Shape):
+    def complete(
+        self, choices: list[Choice], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict[str, Any]:
+        return {"prompt": choices[0].text}

@@ -17,6 +17,7 @@ import time
 
 from engine_proc.backends import make_backend
 from engine_proc.backends.base import Backend, RequestRejected
+from engine_proc import utility
 from engine_proc.spec import EngineSpec
 from ipc import fences, records
 from ipc.channel import EngineEnd
@@ -53,6 +54,10 @@ class EngineLoop:
     def handle(self, record: records.ToEngine) -> None:
         if isinstance(record, records.Submit):
             try:
+                if record.kind is not records.Kind.generate:
+                    assert self.backend.tokenizer is not None
+                    self.publish([utility.answer(self.backend.tokenizer, record, self.backend.trusted_messages())])
+                    return
                 self.backend.submit(record)
             except RequestRejected as e:
                 self.send(records.Failed(record.rid, e.code, e.message, e.param))

@@ -78,6 +78,17 @@ class Tokenizer(abc.ABC):
                 found[ids[0]] = text
         return found
 
+    def chat_text(self, messages: Sequence[ChatMessage], gen: Generation) -> str:
+        """The chat template applied, as text (what /apply-template shows)."""
+        if self.template is None:
+            raise TemplateError("model has no chat template")
+        tools = gen.tools if gen.tool_choice is not ToolChoice.none else ()
+        rendered, extra = template_messages(messages, self.tool_format, tools, lambda text: text)
+        try:
+            return self.render(rendered, extra)
+        except Exception as e:
+            raise TemplateError(f"chat template failed: {e}") from e
+
     def chat_tokens(self, messages: Sequence[ChatMessage], gen: Generation, trusted: bool = False) -> list[int]:
         if self.template is None:
             raise TemplateError("model has no chat template; use /v1/completions")

@@ -80,6 +80,16 @@ class SamplingParams(msgspec.Struct, **_STRUCT):
 # ---- front → engine -------------------------------------------------------------------------
 
 
+class Kind(enum.StrEnum):
+    """What a Submit asks for. Only ``generate`` runs the model; the others are answered at once
+    from the vocabulary and template, in one delta (``token_ids``, ``pieces`` or ``text``)."""
+
+    generate = "generate"
+    tokenize = "tokenize"  # the prompt's tokens (chat: the template applied, with tools)
+    detokenize = "detokenize"  # prompt_ids back to text
+    template = "template"  # the chat template applied to the messages, as text
+
+
 class Submit(msgspec.Struct, tag=1, **_STRUCT):
     """Start generating. Exactly one of ``messages`` (chat), ``prompt`` (completion text) or
     ``prompt_ids`` (completion token ids, packed native int32: one copy out of the ring,
@@ -91,6 +101,9 @@ class Submit(msgspec.Struct, tag=1, **_STRUCT):
     prompt: str | None = None
     prompt_ids: bytes | None = None
     gen: Generation = Generation()
+    kind: Kind = Kind.generate
+    add_special: bool = False  # tokenize: a BOS as a completion prompt would start with
+    with_pieces: bool = False  # tokenize: each token's bytes too
 
 
 class Abort(msgspec.Struct, tag=2, **_STRUCT):
@@ -146,6 +159,7 @@ class Delta(msgspec.Struct, **_STRUCT):
     token_ids: bytes = b""  # the tokens of ``text``, packed int32 (only with logprobs)
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token of ``text`` (when asked for)
     tool_calls: tuple[ToolCall, ...] = ()  # calls completed in this step
+    pieces: tuple[bytes, ...] = ()  # Kind.tokenize with pieces: each token's bytes
 
 
 def merge(older: Delta, newer: Delta) -> Delta:
@@ -162,6 +176,7 @@ def merge(older: Delta, newer: Delta) -> Delta:
         older.token_ids + newer.token_ids,
         older.logprobs + newer.logprobs,
         older.tool_calls + newer.tool_calls,
+        older.pieces + newer.pieces,
     )
 
 

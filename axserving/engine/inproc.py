@@ -19,6 +19,7 @@ from axserving.engine.client import EngineClient, EngineState, StateListener
 from axserving.engine.stream import RequestStream
 from axserving.errors import EngineUnavailable, from_engine_failure
 from engine_proc.backends.base import RequestRejected
+from engine_proc import utility
 from engine_proc.backends.fake import FakeBackend
 from engine_proc.spec import BackendConfig
 from ipc import records
@@ -76,6 +77,10 @@ class InprocEngineClient(EngineClient):
         request = build(rid)
         stream = RequestStream(rid, self._abort, deadline, request.gen.n)
         try:
+            if request.kind is not records.Kind.generate:
+                assert self._backend.tokenizer is not None
+                stream.push(utility.answer(self._backend.tokenizer, request))
+                return stream
             self._backend.submit(request)
         except RequestRejected as e:
             stream.fail(from_engine_failure(e.code, e.message, e.param))

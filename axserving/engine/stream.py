@@ -30,12 +30,14 @@ class Chunk:
     index: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
+    token_ids: bytes = b""
+    pieces: tuple[bytes, ...] = ()
 
 
 class _Pending:
     """A choice's output not yet read, merged; bounded in records however slow the reader."""
 
-    __slots__ = ("completion_tokens", "finish", "logprobs", "n_tokens", "parts", "tool_calls")
+    __slots__ = ("completion_tokens", "finish", "logprobs", "n_tokens", "parts", "pieces", "token_ids", "tool_calls")
 
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -44,6 +46,8 @@ class _Pending:
         self.completion_tokens = 0
         self.logprobs: list[TokenLogprob] = []
         self.tool_calls: list[ToolCall] = []
+        self.token_ids = b""
+        self.pieces: tuple[bytes, ...] = ()
 
 
 class RequestStream:
@@ -86,6 +90,9 @@ class RequestStream:
             p.logprobs += delta.logprobs
         if delta.tool_calls:
             p.tool_calls += delta.tool_calls
+        if delta.token_ids:
+            p.token_ids += delta.token_ids
+            p.pieces += delta.pieces
         if delta.n_tokens and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         p.n_tokens += delta.n_tokens
@@ -158,6 +165,8 @@ class RequestStream:
             index,
             p.logprobs,
             p.tool_calls,
+            p.token_ids,
+            p.pieces,
         )
 
     def cancel(self) -> None:

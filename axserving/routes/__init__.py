@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from axserving.routes import inference, models, ops
+from axserving.routes import inference, models, ops, utility
 
 
 def routes() -> list[Route]:
@@ -24,5 +24,8 @@ def routes() -> list[Route]:
             Route(f"{prefix}/models/{{model_id:str}}", models.retrieve_model, methods=["GET"]),
             Route(f"{prefix}/models/{{model_id:str}}", models.unload_model, methods=["DELETE"]),
             Route(f"{prefix}/models/{{model_id:str}}/reload", models.reload_model, methods=["POST"]),
+            Route(f"{prefix}/tokenize", utility.tokenize, methods=["POST"]),
+            Route(f"{prefix}/detokenize", utility.detokenize, methods=["POST"]),
+            Route(f"{prefix}/apply-template", utility.apply_template, methods=["POST"]),
         ]
     return out

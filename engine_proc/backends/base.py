@@ -12,9 +12,13 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine_proc.spec import BackendConfig
 from ipc.records import Delta, FailCode, Submit
+
+if TYPE_CHECKING:
+    from engine_proc.tokenizer import Tokenizer
 
 __all__ = ["Backend", "BackendConfig", "ModelInfo", "RequestRejected"]
 
@@ -80,6 +84,12 @@ class Backend(abc.ABC):
     preemptions: int = 0
     #: Prompt tokens computed since load (prompt tokens reused from the KV cache are not).
     prefill_tokens: int = 0
+    #: The vocabulary and chat template, once loaded (utility requests are answered from it).
+    tokenizer: Tokenizer | None = None
+
+    def trusted_messages(self) -> bool:
+        """Message text may carry special tokens (the ``special_tokens_in_messages=1`` option)."""
+        return self.config.option("special_tokens_in_messages") == "1"
 
     def native_heartbeat(self, callback: int, address: int) -> bool:
         """Install ``callback`` (a C ``bool (*)(void *)``, see ``ipc/_fence.c``) for the runtime to

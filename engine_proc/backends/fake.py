@@ -105,7 +105,7 @@ class FakeBackend(Backend):
         ``markers``: obey ``[[crash]]`` and ``[[error]]``."""
         self.delay = delay
         self.markers = markers
-        self.tok = WordTokenizer()
+        self.tok = self.tokenizer = WordTokenizer()
         self._seqs: dict[int, _Seq] = {}  # running
         self._waiting: deque[_Seq] = deque()
 

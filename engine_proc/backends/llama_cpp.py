@@ -127,7 +127,7 @@ class LlamaCppBackend(Backend):
             verbose=False,
         )
         self._llama = llama
-        self._tok = LlamaTokenizer(llama)
+        self._tok = self.tokenizer = LlamaTokenizer(llama)
         n_seq = self._slots.n_slots
         self._n_batch = max(cfg.n_batch, n_seq)
         params = llama_cpp.llama_context_default_params()
@@ -219,8 +219,7 @@ class LlamaCppBackend(Backend):
         if request.messages is not None:
             what = "messages"
             try:
-                trusted = self.config.option("special_tokens_in_messages") == "1"
-                prompt = tok.chat_tokens(request.messages, gen, trusted)
+                prompt = tok.chat_tokens(request.messages, gen, self.trusted_messages())
             except TemplateError as e:
                 raise RequestRejected("invalid_request", str(e), "messages") from e
         elif request.prompt is not None:

@@ -434,3 +434,38 @@ def test_model_may_be_omitted(client: TestClient) -> None:
 def test_n_above_the_batch_is_a_400_naming_n(client: TestClient) -> None:
     r = client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "n": 16})
     assert r.status_code == 400 and err(r)["param"] == "n"
+
+
+# ---- tokenize, detokenize, apply-template ------------------------------------------------------------
+
+
+def test_tokenize_detokenize_and_apply_template(client: TestClient) -> None:
+    r = client.post("/tokenize", json={"content": "hello big world"})
+    assert r.status_code == 200, r.text
+    ids = r.json()["tokens"]
+    assert len(ids) == 3 and all(isinstance(t, int) for t in ids)
+    pieces = client.post("/tokenize", json={"content": "hello big world", "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == ids and [p["piece"] for p in pieces] == ["hello ", "big ", "world "]
+    assert client.post("/detokenize", json={"tokens": ids}).json() == {"content": "hello big world "}
+    chat = client.post("/v1/tokenize", json={"messages": [{"role": "user", "content": "hi there"}]}).json()
+    assert len(chat["tokens"]) >= 2
+    prompt = client.post("/apply-template", json={"messages": [{"role": "user", "content": "hi"}]}).json()["prompt"]
+    assert "hi" in prompt
+    tools = [{"type": "function", "function": {"name": "f", "description": "does f"}}]
+    with_tools = client.post("/apply-template", json={"messages": [{"role": "user", "content": "hi"}], "tools": tools})
+    assert '"name": "f"' in with_tools.json()["prompt"]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/tokenize", {}, "content"),
+    ("/tokenize", {"content": "x", "messages": [{"role": "user", "content": "x"}]}, "content"),
+    ("/detokenize", {"tokens": [-1]}, "tokens"),
+    ("/detokenize", {"tokens": [999999999]}, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ("/apply-template", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ("/tokenize", {"content": "x", "model": "nope"}, "model"),
+])
+def test_utility_routes_refuse_bad_input_naming_the_field(client: TestClient, path: str, body: dict, param: str) -> None:  # type: ignore[type-arg]
+    r = client.post(path, json=body)
+    assert 400 <= r.status_code < 500, r.text
+    assert err(r)["param"] == param
