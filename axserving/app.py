@@ -18,7 +18,7 @@ from axserving.auth import BearerAuthMiddleware
 from axserving.config import Settings, from_json
 from axserving.engine.client import EngineClient, EngineState, StateListener
 from axserving.engine.supervisor import EngineSupervisor
-from axserving.errors import APIError, MethodNotAllowed, NotFound, ServiceUnavailable
+from axserving.errors import APIError, MethodNotAllowed, NotFound, ServiceUnavailable, body_for
 from axserving.generation import CLIENT_CLOSED
 from axserving.logs import setup_logging
 from axserving.metrics import Metrics, ModelsCollector, SchedulerCollector
@@ -37,22 +37,22 @@ log = logging.getLogger("axserving")
 SETTINGS_ENV = "AXS__RESOLVED_SETTINGS"  # how `axserving run` hands settings to Granian's worker
 
 
-def _render(err: APIError) -> Response:
-    return json_response(err.body(), status=err.status, headers=err.headers or None)
+def _render(err: APIError, request: Request) -> Response:
+    return json_response(body_for(request.url.path, err), status=err.status, headers=err.headers or None)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return _render(exc)
+    return _render(exc, request)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return _render(NotFound(f"Unknown route: {request.method} {request.url.path}"))
+        return _render(NotFound(f"Unknown route: {request.method} {request.url.path}"), request)
     if exc.status_code == 405:
-        return _render(MethodNotAllowed(f"Method {request.method} not allowed on {request.url.path}"))
-    return _render(APIError(str(exc.detail)))
+        return _render(MethodNotAllowed(f"Method {request.method} not allowed on {request.url.path}"), request)
+    return _render(APIError(str(exc.detail)), request)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -63,7 +63,7 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _render(APIError("The server had an error while processing your request."))
+    return _render(APIError("The server had an error while processing your request."), request)
 
 
 def engine_processes(settings: Settings) -> ClientFactory:

@@ -1,5 +1,7 @@
 """Bearer-key authentication (pure ASGI middleware).
 
+The key comes as ``Authorization: Bearer KEY`` or, as Anthropic's clients send it, ``x-api-key``.
+
 Keys come from ``AXS_API_KEY`` (comma-separated). Every key is compared in constant time, and all
 of them are always compared, so timing tells nothing about which key nearly matched. Health,
 probes and metrics stay open for orchestrators and scrapers.
@@ -35,6 +37,8 @@ class BearerAuthMiddleware:
             return
         header = scope_header(scope, b"authorization")
         scheme, _, token = header.partition(b" ")
+        if not header and (api_key := scope_header(scope, b"x-api-key")):
+            header, scheme, token = api_key, b"bearer", api_key  # Anthropic's clients send x-api-key
         if not header:
             err = AuthenticationFailed(
                 "You didn't provide an API key. Provide it in the Authorization header as 'Bearer KEY'."
@@ -44,7 +48,7 @@ class BearerAuthMiddleware:
         else:
             await self.app(scope, receive, send)
             return
-        body = error_body(err)
+        body = error_body(err, scope["path"])
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
         await send({"type": "http.response.start", "status": err.status, "headers": headers})

@@ -146,8 +146,28 @@ class EngineError(APIError):
     default_code = "engine_error"
 
 
-def error_body(err: APIError) -> bytes:
-    return orjson.dumps(err.body())
+# Anthropic's Messages API has its own error shape; its routes answer in it (auth failures too).
+ANTHROPIC_PATHS = ("/v1/messages", "/messages")
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+}
+
+
+def anthropic_body(err: APIError) -> dict[str, Any]:
+    kind = _ANTHROPIC_TYPES.get(err.status) or ("invalid_request_error" if err.status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def body_for(path: str, err: APIError) -> dict[str, Any]:
+    """The error object in the shape of the API ``path`` belongs to."""
+    if path.startswith(ANTHROPIC_PATHS):
+        return anthropic_body(err)
+    return err.body()
+
+
+def error_body(err: APIError, path: str = "") -> bytes:
+    return orjson.dumps(body_for(path, err))
 
 
 def from_engine_failure(code: FailCode, message: str, param: str | None = None) -> APIError:

@@ -30,7 +30,7 @@ from axserving.models.manager import Lease
 from axserving.protocol import RequestSampling
 from axserving.responses import Choice, Shape
 from axserving.scheduler import Priority, Ticket
-from axserving.sse import EventStreamResponse
+from axserving.sse import Event, EventStreamResponse
 from axserving.state import AppState, json_response
 from ipc.records import Generation, SamplingParams, Submit
 
@@ -234,10 +234,10 @@ async def _collect(stream: RequestStream, chunk: Chunk | None, outcome: _Outcome
 
 async def _sse(
     shape: Shape, stream: RequestStream, first: Chunk | None, outcome: _Outcome
-) -> AsyncIterator[str]:
+) -> AsyncIterator[Event]:
     try:
         try:
-            for head in shape.first_chunks():
+            for head in shape.first_chunks(first):
                 yield head
             chunk = first
             while chunk is not None:
@@ -245,14 +245,14 @@ async def _sse(
                 for event in shape.chunks(chunk):
                     yield event
                 chunk = await stream.next()
-            if shape.include_usage:
-                yield shape.usage_chunk(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
+            for event in shape.final_events(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens):
+                yield event
         except APIError as e:
-            # Mid-stream failure (engine died, timeout): a final error frame, then [DONE].
+            # Mid-stream failure (engine died, timeout): the API's error event(s) end the stream.
             outcome.status = e.status
             log.warning("stream %s ended with %s: %s", shape.id, type(e).__name__, e.message)
-            yield shape.sse(e.body())
-        yield "[DONE]"
+            for event in shape.error_events(e):
+                yield event
     except BaseException:
         # Cancelled (the client left) or a bug: the request scope frees the engine's slot.
         if outcome.status == 200:

@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import orjson
 
 from axserving.engine.stream import Chunk
+from axserving.errors import APIError
+from axserving.sse import Event
 from ipc.records import TokenLogprob, ToolCall
 
 
@@ -43,6 +45,7 @@ class Choice:
     tool_calls: list[ToolCall] = field(default_factory=list)
     token_ids: bytes = b""
     pieces: tuple[bytes, ...] = ()
+    stop_sequence: str = ""
 
     def add(self, chunk: Chunk) -> None:
         self.parts.append(chunk.text)
@@ -52,6 +55,7 @@ class Choice:
         self.pieces += chunk.pieces
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
+            self.stop_sequence = chunk.stop_sequence
 
     @property
     def text(self) -> str:
@@ -125,11 +129,22 @@ class Shape:
         body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return self.sse(body)
 
-    def first_chunks(self) -> list[str]:
+    def first_chunks(self, first: Chunk | None) -> list[Event]:
         return []
 
-    def chunks(self, chunk: Chunk) -> list[str]:
+    def chunks(self, chunk: Chunk) -> list[Event]:
         raise NotImplementedError
+
+    def final_events(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> list[Event]:
+        """After the last chunk: OpenAI's usage chunk (with include_usage), then [DONE]."""
+        usage_events: list[Event] = []
+        if self.include_usage:
+            usage_events.append(self.usage_chunk(prompt_tokens, completion_tokens, cached_tokens))
+        return [*usage_events, "[DONE]"]
+
+    def error_events(self, err: APIError) -> list[Event]:
+        """A failure mid-stream: the error object as a final chunk, then [DONE]."""
+        return [self.sse(err.body()), "[DONE]"]
 
     def _choice(self, choice: Choice) -> dict[str, Any]:
         raise NotImplementedError
@@ -151,14 +166,14 @@ class ChatShape(Shape):
         super().__post_init__()
         self._calls: dict[int, int] = {}  # choice -> tool calls streamed so far
 
-    def first_chunks(self) -> list[str]:
+    def first_chunks(self, first: Chunk | None) -> list[Event]:
         return [
             self._streamed({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
             for i in range(self.n)
         ]
 
-    def chunks(self, chunk: Chunk) -> list[str]:
-        out: list[str] = []
+    def chunks(self, chunk: Chunk) -> list[Event]:
+        out: list[Event] = []
         i = chunk.index
         lps = chat_logprobs(chunk.logprobs) if self.logprobs and chunk.logprobs else None
         if chunk.text or lps is not None:
@@ -196,7 +211,7 @@ class CompletionShape(Shape):
         super().__post_init__()
         self._offsets: dict[int, int] = {}  # choice -> characters streamed so far
 
-    def chunks(self, chunk: Chunk) -> list[str]:
+    def chunks(self, chunk: Chunk) -> list[Event]:
         at = self._offsets.get(chunk.index, 0)
         self._offsets[chunk.index] = at + len(chunk.text)
         lps = completion_logprobs(chunk.logprobs, at) if self.logprobs else None

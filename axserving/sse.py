@@ -32,15 +32,20 @@ PING_S = 15.0
 _SEP = "\n"
 
 
-def frame(data: str) -> bytes:
-    return ServerSentEvent(data=data, sep=_SEP).encode()
+Event = str | tuple[str, str]  # data, or (event name, data) for APIs that name events (Anthropic's)
+
+
+def frame(event: Event) -> bytes:
+    if isinstance(event, tuple):
+        return ServerSentEvent(data=event[1], event=event[0], sep=_SEP).encode()
+    return ServerSentEvent(data=event, sep=_SEP).encode()
 
 
 class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, events: AsyncIterator[str], headers: Mapping[str, str] | None = None, ping_s: float = PING_S
+        self, events: AsyncIterator[Event], headers: Mapping[str, str] | None = None, ping_s: float = PING_S
     ) -> None:
         self.events = events
         self.ping_s = ping_s

@@ -209,6 +209,7 @@ class ChoiceOutput:
             token_ids=ids,
             logprobs=lps,
             tool_calls=tuple(calls),
+            stop_sequence=self._detok.matched if finish is not None else "",
         )
 
     def _released(self, final: bool) -> tuple[tuple[TokenLogprob, ...], bytes]:

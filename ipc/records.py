@@ -160,6 +160,7 @@ class Delta(msgspec.Struct, **_STRUCT):
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token of ``text`` (when asked for)
     tool_calls: tuple[ToolCall, ...] = ()  # calls completed in this step
     pieces: tuple[bytes, ...] = ()  # Kind.tokenize with pieces: each token's bytes
+    stop_sequence: str = ""  # with finish_reason stop: the stop string that matched, if one did
 
 
 def merge(older: Delta, newer: Delta) -> Delta:
@@ -177,6 +178,7 @@ def merge(older: Delta, newer: Delta) -> Delta:
         older.logprobs + newer.logprobs,
         older.tool_calls + newer.tool_calls,
         older.pieces + newer.pieces,
+        newer.stop_sequence or older.stop_sequence,
     )
 
 

@@ -32,12 +32,13 @@ class Chunk:
     tool_calls: list[ToolCall] = field(default_factory=list)
     token_ids: bytes = b""
     pieces: tuple[bytes, ...] = ()
+    stop_sequence: str = ""
 
 
 class _Pending:
     """A choice's output not yet read, merged; bounded in records however slow the reader."""
 
-    __slots__ = ("completion_tokens", "finish", "logprobs", "n_tokens", "parts", "pieces", "token_ids", "tool_calls")
+    __slots__ = ("completion_tokens", "finish", "logprobs", "n_tokens", "parts", "pieces", "stop_sequence", "token_ids", "tool_calls")
 
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -48,6 +49,7 @@ class _Pending:
         self.tool_calls: list[ToolCall] = []
         self.token_ids = b""
         self.pieces: tuple[bytes, ...] = ()
+        self.stop_sequence = ""
 
 
 class RequestStream:
@@ -101,6 +103,7 @@ class RequestStream:
         self._cached_tokens = delta.cached_tokens or self._cached_tokens
         if delta.finish_reason is not None:
             p.finish = delta.finish_reason
+            p.stop_sequence = delta.stop_sequence
             self._finished += 1
             if self._finished >= self.n:
                 self._done = True
@@ -167,6 +170,7 @@ class RequestStream:
             p.tool_calls,
             p.token_ids,
             p.pieces,
+            p.stop_sequence,
         )
 
     def cancel(self) -> None:

@@ -33,14 +33,14 @@ class StopStringMatcher:
         # Empty strings would match everywhere; the front should not send them, but be safe.
         self.stop: tuple[str, ...] = tuple(dict.fromkeys(s for s in stop if s))
 
-    def find(self, text: str) -> int:
-        """Index of the earliest stop string in ``text``, or -1."""
-        best = -1
+    def find(self, text: str) -> tuple[int, str]:
+        """Index of the earliest stop string in ``text`` (-1 if none) and which one it is."""
+        best, which = -1, ""
         for s in self.stop:
             i = text.find(s)
             if i != -1 and (best == -1 or i < best):
-                best = i
-        return best
+                best, which = i, s
+        return best, which
 
     def holdback(self, text: str) -> int:
         """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
@@ -62,6 +62,7 @@ class DetokStream:
         self._matcher = StopStringMatcher(stop)
         self._pending = ""  # decoded text not yet emitted: a possible start of a stop string
         self.stopped = False
+        self.matched = ""  # the stop string that ended the text
 
     def feed(self, piece: bytes) -> TextChunk:
         """Add one token's bytes; return the text that can be emitted now."""
@@ -73,7 +74,7 @@ class DetokStream:
             return TextChunk(text)
         # Everything emitted earlier was checked not to start a stop string, and any tail that
         # could have started one was kept in ``_pending``; so searching ``text`` alone suffices.
-        at = self._matcher.find(text)
+        at, self.matched = self._matcher.find(text)
         if at != -1:
             self.stopped = True
             self._pending = ""
@@ -92,7 +93,7 @@ class DetokStream:
         text = self._pending + self._decoder.decode(b"", final=True)
         self._pending = ""
         # The final bytes could complete a stop string only if they decoded to text; check it.
-        at = self._matcher.find(text)
+        at, self.matched = self._matcher.find(text)
         if at != -1:
             self.stopped = True
             return text[:at]

@@ -4,6 +4,7 @@ engine process on the fake backend."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -469,3 +470,74 @@ def test_utility_routes_refuse_bad_input_naming_the_field(client: TestClient, pa
     r = client.post(path, json=body)
     assert 400 <= r.status_code < 500, r.text
     assert err(r)["param"] == param
+
+
+# ---- Anthropic's Messages API --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def claude(client: TestClient) -> Any:
+    import anthropic
+
+    return anthropic.Anthropic(base_url="http://testserver", api_key=KEY, http_client=client, max_retries=0)
+
+
+def test_messages_reply_and_stream(claude: Any) -> None:
+    msg = claude.messages.create(model="default", max_tokens=50, system="Be brief.",
+                                 messages=[{"role": "user", "content": "one two three"}])
+    assert msg.type == "message" and msg.role == "assistant" and msg.id.startswith("msg_")
+    assert [b.type for b in msg.content] == ["text"] and msg.content[0].text == "one two three "
+    assert msg.stop_reason == "end_turn" and msg.usage.output_tokens == 3 and msg.usage.input_tokens > 0
+    cut = claude.messages.create(model="default", max_tokens=2, messages=[{"role": "user", "content": "a b c d"}])
+    assert cut.stop_reason == "max_tokens"
+    stopped = claude.messages.create(model="default", max_tokens=20, stop_sequences=["c"],
+                                     messages=[{"role": "user", "content": "a b c d"}])
+    assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == "c"
+    with claude.messages.stream(model="default", max_tokens=50, messages=[{"role": "user", "content": "x y z"}]) as s:
+        events = [e.type for e in s]
+        final = s.get_final_message()
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    assert "content_block_start" in events and "content_block_stop" in events and "message_delta" in events
+    assert final.content[0].text == "x y z " and final.stop_reason == "end_turn"
+
+
+def test_messages_tool_use_round_trip(claude: Any) -> None:
+    tools = [{"name": "get_weather", "description": "weather", "input_schema": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    msg = claude.messages.create(model="default", max_tokens=80, tools=tools,
+                                 messages=[{"role": "user", "content": f"ok {CALL}"}])
+    assert msg.stop_reason == "tool_use"
+    use = [b for b in msg.content if b.type == "tool_use"][0]
+    assert use.name == "get_weather" and use.input == {"city": "Paris"}
+    with claude.messages.stream(model="default", max_tokens=80, tools=tools,
+                                messages=[{"role": "user", "content": f"ok {CALL}"}]) as s:
+        final = s.get_final_message()
+    streamed = [b for b in final.content if b.type == "tool_use"][0]
+    assert (streamed.name, streamed.input) == (use.name, use.input) and final.stop_reason == "tool_use"
+    back = claude.messages.create(model="default", max_tokens=40, tools=tools, messages=[
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": use.name, "input": use.input}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]},
+    ])
+    assert back.stop_reason == "end_turn"
+
+
+def test_messages_count_tokens_and_errors(claude: Any, client: TestClient) -> None:
+    import anthropic
+
+    n = claude.messages.count_tokens(model="default", messages=[{"role": "user", "content": "hello big world"}])
+    assert n.input_tokens > 0
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(model="default", max_tokens=0, messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
+    r = client.post("/v1/messages", json={"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}]}]})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = client.post("/v1/messages", json={"max_tokens": 5}, headers={"Authorization": ""})
+    assert r.status_code == 401 and r.json() == {"type": "error", "error": {
+        "type": "authentication_error", "message": r.json()["error"]["message"]}}
+    ok = client.post("/v1/messages", json={"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+                     headers={"Authorization": "", "x-api-key": KEY})
+    assert ok.status_code == 200, ok.text
+    assert client.post("/v1/messages", json={"max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+                                             "model": "nope"}).json()["error"]["type"] == "not_found_error"

@@ -280,3 +280,38 @@ def test_max_tokens_is_bounded_by_the_context(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         oai.completions.create(model="default", prompt="word " * 3000, max_tokens=4)
     assert e.value.body["param"] == "prompt"  # type: ignore[index]
+
+
+# ---- Anthropic's Messages API on the real model ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def claude(server: Server) -> Any:
+    import anthropic
+
+    return anthropic.Anthropic(base_url=server.v1.removesuffix("/v1"), api_key=server.api_key, max_retries=0, timeout=120)
+
+
+def test_messages_reply_stream_tool_round_trip_and_count(claude: Any) -> None:
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    msg = claude.messages.create(model="default", max_tokens=40, extra_body={"temperature": 0}, messages=question)
+    assert "paris" in msg.content[0].text.lower() and msg.stop_reason in ("end_turn", "max_tokens")
+    with claude.messages.stream(model="default", max_tokens=40, extra_body={"temperature": 0}, messages=question) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == msg.content[0].text and final.usage.output_tokens == msg.usage.output_tokens
+    tools = [{"name": "get_weather", "description": "Get the current weather in a city",
+              "input_schema": WEATHER[0]["function"]["parameters"]}]
+    forced = claude.messages.create(model="default", max_tokens=80, extra_body={"temperature": 0}, tools=tools,
+                                    tool_choice={"type": "tool", "name": "get_weather"}, messages=PARIS)
+    assert forced.stop_reason == "tool_use"
+    use = next(b for b in forced.content if b.type == "tool_use")
+    jsonschema.validate(use.input, tools[0]["input_schema"])
+    answer = claude.messages.create(model="default", max_tokens=40, extra_body={"temperature": 0}, tools=tools, messages=[
+        *PARIS,
+        {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": use.name, "input": use.input}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "21 C and sunny"}]},
+    ])
+    assert answer.content and answer.content[0].type == "text" and answer.content[0].text.strip()
+    count = claude.messages.count_tokens(model="default", messages=question)
+    assert count.input_tokens == msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0)
