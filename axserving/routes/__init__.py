@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from axserving.routes import inference, messages, models, ops, utility
+from axserving.routes import inference, messages, models, ops, responses_api, utility
 
 
 def routes() -> list[Route]:
@@ -28,6 +28,7 @@ def routes() -> list[Route]:
             Route(f"{prefix}/detokenize", utility.detokenize, methods=["POST"]),
             Route(f"{prefix}/apply-template", utility.apply_template, methods=["POST"]),
             Route(f"{prefix}/messages", messages.messages, methods=["POST"]),
+            Route(f"{prefix}/responses", responses_api.create_response, methods=["POST"]),
             Route(f"{prefix}/messages/count_tokens", messages.count_tokens, methods=["POST"]),
         ]
     return out

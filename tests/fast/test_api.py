@@ -541,3 +541,56 @@ def test_messages_count_tokens_and_errors(claude: Any, client: TestClient) -> No
     assert ok.status_code == 200, ok.text
     assert client.post("/v1/messages", json={"max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
                                              "model": "nope"}).json()["error"]["type"] == "not_found_error"
+
+
+# ---- the Responses API ---------------------------------------------------------------------------------
+
+
+def test_responses_non_streaming_and_streaming(oai: openai.OpenAI) -> None:
+    r = oai.responses.create(model="default", input="one two three", instructions="Be brief.")
+    assert r.id.startswith("resp_") and r.status == "completed" and r.object == "response"
+    assert r.output_text == "one two three " and r.output[0].type == "message" and r.output[0].id.startswith("msg_")
+    assert r.usage is not None and r.usage.output_tokens == 3
+    cut = oai.responses.create(model="default", input="a b c d", max_output_tokens=2)
+    assert cut.status == "incomplete" and cut.incomplete_details and cut.incomplete_details.reason == "max_output_tokens"
+    events = list(oai.responses.create(model="default", input="x y z", stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    for k in ("response.output_item.added", "response.content_part.added", "response.output_text.delta",
+              "response.output_text.done", "response.output_item.done"):
+        assert k in kinds
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "x y z "
+    assert events[-1].response.output_text == "x y z "  # type: ignore[union-attr]
+
+
+def test_responses_function_call_round_trip(oai: openai.OpenAI) -> None:
+    tools = [{"type": "function", "name": "get_weather", "parameters": TOOLS[0]["function"]["parameters"]}]
+    r = oai.responses.create(model="default", input=f"ok {CALL}", tools=tools)  # type: ignore[arg-type]
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].arguments == '{"city": "Paris"}'
+    assert calls[0].id.startswith("fc_") and calls[0].call_id.startswith("call_")
+    events = list(oai.responses.create(model="default", input=f"ok {CALL}", tools=tools, stream=True))  # type: ignore[arg-type]
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert args == calls[0].arguments
+    follow = oai.responses.create(model="default", tools=tools, input=[  # type: ignore[arg-type]
+        {"role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"},
+    ])
+    assert follow.status == "completed"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": "x", "store": True}, "store"),
+    ({"input": "x", "text": {"format": {"type": "sound"}}}, "text.format.type"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0].type"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"input": []}, "input"),
+])
+def test_responses_bad_input_names_the_field(client: TestClient, body: dict, param: str) -> None:  # type: ignore[type-arg]
+    r = client.post("/v1/responses", json=body)
+    assert r.status_code == 400, r.text
+    assert err(r)["param"] == param

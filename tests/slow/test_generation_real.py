@@ -315,3 +315,30 @@ def test_messages_reply_stream_tool_round_trip_and_count(claude: Any) -> None:
     assert answer.content and answer.content[0].type == "text" and answer.content[0].text.strip()
     count = claude.messages.count_tokens(model="default", messages=question)
     assert count.input_tokens == msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0)
+
+
+# ---- the Responses API on the real model ----------------------------------------------------------
+
+
+def test_responses_stream_matches_json_schema_and_function_call(oai: openai.OpenAI) -> None:
+    question = "What is the capital of France? Answer in one word."
+    r = oai.responses.create(model="default", input=question, temperature=0, max_output_tokens=40)
+    assert "paris" in r.output_text.lower()
+    events = list(oai.responses.create(model="default", input=question, temperature=0, max_output_tokens=40, stream=True))
+    assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    fmt = {"format": {"type": "json_schema", "name": "pet", "schema": SCHEMAS[1], "strict": True}}
+    j = oai.responses.create(model="default", input=ASK, temperature=0, max_output_tokens=200, text=fmt)  # type: ignore[arg-type]
+    jsonschema.validate(json.loads(j.output_text), SCHEMAS[1])
+    tools = [{"type": "function", "name": "get_weather", "description": "Get the current weather in a city",
+              "parameters": WEATHER[0]["function"]["parameters"]}]
+    call_r = oai.responses.create(model="default", input=PARIS, temperature=0, max_output_tokens=80, tools=tools,  # type: ignore[arg-type]
+                                  tool_choice="required")
+    call = next(o for o in call_r.output if o.type == "function_call")
+    jsonschema.validate(json.loads(call.arguments), tools[0]["parameters"])
+    answer = oai.responses.create(model="default", temperature=0, max_output_tokens=40, tools=tools, input=[  # type: ignore[arg-type]
+        *PARIS,
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "21 C and sunny"},
+    ], tool_choice="none")
+    assert answer.output_text.strip()
