@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from axserving.errors import AuthenticationFailed, error_body
 from axserving.middleware import scope_header
 
-OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/metrics", "/openapi.json"})
 
 
 def key_matches(presented: bytes, keys: tuple[bytes, ...]) -> bool:

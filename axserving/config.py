@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -100,6 +100,8 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     idle_timeout_secs: NonNegative | None = None
     memory_bytes: MemorySize | None = None  # replaces the estimate made from the file
     sampling: SamplingDefaults = SamplingDefaults()
+    enable_embeddings: bool = False  # serve /v1/embeddings (pooled vectors) instead of generation
+    pooling: Literal["mean", "cls", "last"] | None = None  # None: the model's own, else mean
 
 
 class LifecycleSettings(msgspec.Struct, **_STRICT):

@@ -53,6 +53,7 @@ class Job:
     stream: bool
     build: Callable[[int, SamplingParams], Submit]
     gen: Generation = field(default_factory=Generation)
+    embeddings: bool = False  # needs a model loaded for embeddings (else one for generation)
     priority: Priority = Priority.normal
     client: str = ""  # whose request: for fairness between clients
 
@@ -188,6 +189,11 @@ class InferenceResponse(Response):
         sched = state.settings.scheduler
         async with request_scope(state, job) as (outcome, ticket):
             lease = outcome.lease
+            if job.embeddings != lease.spec.engine.embeddings:
+                what = "embeddings" if lease.spec.engine.embeddings else "generation"
+                raise InvalidRequest(
+                    f"model '{lease.model_id}' is loaded for {what}; this endpoint needs a model loaded for "
+                    f"{'embeddings' if job.embeddings else 'generation'}", param="model", code="wrong_model_kind")
             params = job.sampling.resolve(lease.spec.sampling, sched.default_max_tokens)
             n_ctx = lease.spec.engine.n_ctx
             if job.sampling.max_tokens is not None and job.sampling.max_tokens >= n_ctx:

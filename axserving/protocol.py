@@ -518,3 +518,42 @@ class ApplyTemplateRequest(msgspec.Struct, kw_only=True):
     messages: list[Message]
     tools: list[ToolDef] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+
+
+class EmbeddingsRequest(msgspec.Struct, kw_only=True):
+    # A string, a list of strings, a list of token ids, or a list of lists of token ids.
+    input: Union[str, list[Any]]
+    model: str | None = None
+    encoding_format: str = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def embedding_inputs(req: EmbeddingsRequest) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
+    """The inputs as texts, or as packed token-id arrays; 400s naming ``input``."""
+    if req.encoding_format not in ("float", "base64"):
+        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+    if req.dimensions is not None:
+        raise InvalidRequest("'dimensions' is not supported by this model (its vectors have a fixed size)",
+                             param="dimensions")
+    raw: Any = req.input
+    if isinstance(raw, str):
+        raw = [raw]
+    if not raw:
+        raise InvalidRequest("'input' must not be empty", param="input")
+    if len(raw) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
+    if all(isinstance(x, str) for x in raw):
+        if any(not x for x in raw):
+            raise InvalidRequest("'input' must not contain empty strings", param="input")
+        return tuple(raw), ()
+    if all(type(x) is int for x in raw):
+        raw = [raw]  # one input given as token ids
+    if all(isinstance(x, list) and x and all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in x) for x in raw):
+        return (), tuple(array.array("i", x).tobytes() for x in raw)
+    raise InvalidRequest(
+        "'input' must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+        param="input")

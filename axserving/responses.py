@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import array
 import time
+from base64 import b64encode
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import orjson
 
 from axserving.engine.stream import Chunk
@@ -46,6 +48,7 @@ class Choice:
     token_ids: bytes = b""
     pieces: tuple[bytes, ...] = ()
     stop_sequence: str = ""
+    embedding: bytes = b""
 
     def add(self, chunk: Chunk) -> None:
         self.parts.append(chunk.text)
@@ -53,6 +56,7 @@ class Choice:
         self.tool_calls += chunk.tool_calls
         self.token_ids += chunk.token_ids
         self.pieces += chunk.pieces
+        self.embedding = chunk.embedding or self.embedding
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
             self.stop_sequence = chunk.stop_sequence
@@ -268,3 +272,22 @@ class TemplateShape(Shape):
         self, choices: list[Choice], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
     ) -> dict[str, Any]:
         return {"prompt": choices[0].text}
+
+
+@dataclass
+class EmbeddingShape(Shape):
+    """OpenAI's embeddings list. Vectors go from the engine's float32 bytes to JSON (orjson
+    serializes the numpy view) or base64 without a Python float per element."""
+
+    base64: bool = False
+
+    def complete(
+        self, choices: list[Choice], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict[str, Any]:
+        data = []
+        for c in sorted(choices, key=lambda c: c.index):
+            vector: Any = (b64encode(c.embedding).decode() if self.base64
+                           else np.frombuffer(c.embedding, dtype=np.float32))
+            data.append({"object": "embedding", "index": c.index, "embedding": vector})
+        return {"object": "list", "data": data, "model": self.model,
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

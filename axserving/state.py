@@ -32,4 +32,6 @@ def app_state(request: Request) -> AppState:
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
+    # OPT_SERIALIZE_NUMPY: embeddings are float32 arrays, written without a Python float each.
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status, headers=headers,
+                    media_type="application/json")

@@ -54,7 +54,7 @@ class EngineLoop:
     def handle(self, record: records.ToEngine) -> None:
         if isinstance(record, records.Submit):
             try:
-                if record.kind is not records.Kind.generate:
+                if record.kind.utility:
                     assert self.backend.tokenizer is not None
                     self.publish([utility.answer(self.backend.tokenizer, record, self.backend.trusted_messages())])
                     return

@@ -64,6 +64,8 @@ class BackendConfig:
     n_batch: int = 512  # tokens per llama_decode: one step's budget (decodes + prefill chunks)
     max_batch: int = 8  # sequences generated together (continuous batching)
     kv_unified: bool = False  # one KV pool of n_ctx cells for all sequences, else n_ctx each
+    embeddings: bool = False  # loaded for embeddings (pooled vectors), not generation
+    pooling: str = ""  # mean, cls, last; "": the model's own (its metadata), else mean
     # Backend-specific knobs (the fake backend's delay, crash triggers, ...).
     options: tuple[tuple[str, str], ...] = ()
 

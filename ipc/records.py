@@ -88,6 +88,12 @@ class Kind(enum.StrEnum):
     tokenize = "tokenize"  # the prompt's tokens (chat: the template applied, with tools)
     detokenize = "detokenize"  # prompt_ids back to text
     template = "template"  # the chat template applied to the messages, as text
+    embed = "embed"  # one pooled, L2-normalized vector per input (a model loaded for embeddings)
+
+    @property
+    def utility(self) -> bool:
+        """Answered from the vocabulary and template, without the model."""
+        return self in (Kind.tokenize, Kind.detokenize, Kind.template)
 
 
 class Submit(msgspec.Struct, tag=1, **_STRUCT):
@@ -102,6 +108,8 @@ class Submit(msgspec.Struct, tag=1, **_STRUCT):
     prompt_ids: bytes | None = None
     gen: Generation = Generation()
     kind: Kind = Kind.generate
+    inputs: tuple[str, ...] = ()  # embed: the texts
+    inputs_ids: tuple[bytes, ...] = ()  # embed: inputs given as token ids (packed int32 each)
     add_special: bool = False  # tokenize: a BOS as a completion prompt would start with
     with_pieces: bool = False  # tokenize: each token's bytes too
 
@@ -161,6 +169,8 @@ class Delta(msgspec.Struct, **_STRUCT):
     tool_calls: tuple[ToolCall, ...] = ()  # calls completed in this step
     pieces: tuple[bytes, ...] = ()  # Kind.tokenize with pieces: each token's bytes
     stop_sequence: str = ""  # with finish_reason stop: the stop string that matched, if one did
+    embedding: bytes = b""  # Kind.embed: the input's vector, packed float32 (prompt_tokens: the
+    # request's input tokens so far, so the last delta holds the total)
 
 
 def merge(older: Delta, newer: Delta) -> Delta:
@@ -179,6 +189,7 @@ def merge(older: Delta, newer: Delta) -> Delta:
         older.tool_calls + newer.tool_calls,
         older.pieces + newer.pieces,
         newer.stop_sequence or older.stop_sequence,
+        newer.embedding or older.embedding,
     )
 
 

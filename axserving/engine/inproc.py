@@ -77,7 +77,7 @@ class InprocEngineClient(EngineClient):
         request = build(rid)
         stream = RequestStream(rid, self._abort, deadline, request.gen.n)
         try:
-            if request.kind is not records.Kind.generate:
+            if request.kind.utility:
                 assert self._backend.tokenizer is not None
                 stream.push(utility.answer(self._backend.tokenizer, request))
                 return stream

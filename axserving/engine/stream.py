@@ -33,12 +33,13 @@ class Chunk:
     token_ids: bytes = b""
     pieces: tuple[bytes, ...] = ()
     stop_sequence: str = ""
+    embedding: bytes = b""
 
 
 class _Pending:
     """A choice's output not yet read, merged; bounded in records however slow the reader."""
 
-    __slots__ = ("completion_tokens", "finish", "logprobs", "n_tokens", "parts", "pieces", "stop_sequence", "token_ids", "tool_calls")
+    __slots__ = ("completion_tokens", "embedding", "finish", "logprobs", "n_tokens", "parts", "pieces", "stop_sequence", "token_ids", "tool_calls")
 
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -50,6 +51,7 @@ class _Pending:
         self.token_ids = b""
         self.pieces: tuple[bytes, ...] = ()
         self.stop_sequence = ""
+        self.embedding = b""
 
 
 class RequestStream:
@@ -95,6 +97,8 @@ class RequestStream:
         if delta.token_ids:
             p.token_ids += delta.token_ids
             p.pieces += delta.pieces
+        if delta.embedding:
+            p.embedding = delta.embedding
         if delta.n_tokens and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         p.n_tokens += delta.n_tokens
@@ -171,6 +175,7 @@ class RequestStream:
             p.token_ids,
             p.pieces,
             p.stop_sequence,
+            p.embedding,
         )
 
     def cancel(self) -> None:

@@ -139,6 +139,8 @@ class Model:
             "backend": self.spec.backend,
             "aliases": list(self.spec.aliases),
             "pinned": self.spec.pinned,
+            # What the model serves: generation (chat, completions, responses, messages) or embeddings.
+            "capabilities": ["embeddings"] if self.spec.engine.embeddings else ["generation"],
         }
         if private:
             snap = self.engine.client.snapshot()

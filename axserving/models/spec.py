@@ -133,6 +133,8 @@ def resolve(
         n_batch=pick(entry.batch_size, defaults.batch_size),  # type: ignore[arg-type]
         max_batch=pick(entry.max_batch, defaults.max_batch),  # type: ignore[arg-type]
         kv_unified=pick(entry.kv_unified, defaults.kv_unified),  # type: ignore[arg-type]
+        embeddings=entry.enable_embeddings,
+        pooling=entry.pooling or "",
         options=tuple(sorted(options.items())),
     )
     if entry.memory_bytes is not None:

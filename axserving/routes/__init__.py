@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from axserving.routes import inference, messages, models, ops, responses_api, utility
+from axserving.routes import embeddings, inference, messages, models, ops, responses_api, utility
 
 
 def routes() -> list[Route]:
     out = [
         Route("/health", ops.health, methods=["GET"]),
+        Route("/openapi.json", ops.openapi, methods=["GET"]),
         Route("/livez", ops.livez, methods=["GET"]),
         Route("/readyz", ops.readyz, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
@@ -29,6 +30,7 @@ def routes() -> list[Route]:
             Route(f"{prefix}/apply-template", utility.apply_template, methods=["POST"]),
             Route(f"{prefix}/messages", messages.messages, methods=["POST"]),
             Route(f"{prefix}/responses", responses_api.create_response, methods=["POST"]),
+            Route(f"{prefix}/embeddings", embeddings.embeddings, methods=["POST"]),
             Route(f"{prefix}/messages/count_tokens", messages.count_tokens, methods=["POST"]),
         ]
     return out

@@ -34,6 +34,8 @@ class LoadRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     memory_bytes: int | str | None = None
     backend_options: dict[str, str] | None = None
     sampling: dict[str, Any] | None = None
+    enable_embeddings: bool = False
+    pooling: str | None = None
 
 
 # The request's names for ModelConfig's fields, where they differ (AX Serving's and OpenAI's).

@@ -58,6 +58,12 @@ def health_body(state: AppState) -> dict[str, object]:
     return body
 
 
+async def openapi(request: Request) -> Response:
+    from axserving.openapi import document
+
+    return json_response(document())
+
+
 async def health(request: Request) -> Response:
     return json_response(health_body(app_state(request)))
 

@@ -9,4 +9,8 @@ from engine_proc.spec import BackendConfig, backend_class
 
 def make_backend(name: str, config: BackendConfig) -> Backend:
     """Imported lazily: the fake needs nothing heavy, and only the engine imports a runtime."""
+    if name == "llama_cpp" and config.embeddings:
+        from engine_proc.backends.llama_embed import LlamaEmbeddingBackend
+
+        return LlamaEmbeddingBackend(config)
     return backend_class(name)(config)

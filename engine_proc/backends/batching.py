@@ -151,22 +151,32 @@ class SlotTable:
         return slot
 
 
-def share_budget(pending: Sequence[int], budget: int, exact: Sequence[bool] = ()) -> list[int]:
+def share_budget(
+    pending: Sequence[int], budget: int, exact: Sequence[bool] = (), exact_chunk: int = 0
+) -> list[int]:
     """Tokens each sequence feeds this step, given how many each has pending (in admission order).
 
     Decoding sequences (one pending token) always get it; prefilling sequences share what is
-    left of ``budget``, oldest first. For sequences marked ``exact`` (seeded sampling) a prompt's
-    last token is held for a later step, where it is fed as decoding tokens are: the first
-    output's logits are then computed the same way whether the prompt was prefilled or found in
-    the cache (llama.cpp's logits for a row differ in the second decimal with the number of rows
-    computed with it), so a seed reproduces a reply whatever the cache held, at the cost of one
-    step of time to first token. A step always makes progress if anything is pending.
+    left of ``budget``, oldest first. A step always makes progress if anything is pending.
+
+    Sequences marked ``exact`` (seeded sampling) are computed the same way whatever runs beside
+    them, because llama.cpp's results for a sequence's rows depend (in the second decimal of a
+    logprob) on how many of its rows one decode computes: their prompt goes in chunks of exactly
+    ``exact_chunk`` tokens (they wait for room rather than take less), and its last token alone
+    in a later step, as decoding tokens are. (The backend also starts them without reusing a
+    cached prefix, which was computed some other way.) The cost: one step of time to first token.
     """
     out = [1 if p == 1 else 0 for p in pending]
     left = max(budget - sum(out), 0)
     for i, p in enumerate(pending):
         if p > 1 and left > 0:
-            out[i] = min(p - 1 if exact and exact[i] else p, left)
+            if exact and exact[i]:
+                chunk = min(p - 1, max(exact_chunk, 1))
+                if chunk > left:
+                    continue  # a shorter chunk would be computed differently: wait for room
+                out[i] = chunk
+            else:
+                out[i] = min(p, left)
             left -= out[i]
     if not any(out) and pending:
         first = next(i for i, p in enumerate(pending) if p > 0)

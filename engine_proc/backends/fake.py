@@ -25,17 +25,19 @@ import array
 import os
 import signal
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import llguidance
+import numpy as np
 
 from engine_proc.backends.base import Backend, ModelInfo, RequestRejected
 from engine_proc.grammar import GrammarError
 from engine_proc.output import ChoiceOutput
 from engine_proc.tokenizer import Tokenizer
-from ipc.records import Delta, FinishReason, Submit, TokenLogprob, TopLogprob, merge
+from ipc.records import Delta, FinishReason, Kind, Submit, TokenLogprob, TopLogprob, merge
 
 EOS = 0
 
@@ -108,8 +110,15 @@ class FakeBackend(Backend):
         self.tok = self.tokenizer = WordTokenizer()
         self._seqs: dict[int, _Seq] = {}  # running
         self._waiting: deque[_Seq] = deque()
+        self._ready: list[Delta] = []  # embeddings, sent with the next step
 
     def submit(self, request: Submit) -> None:
+        if (request.kind is Kind.embed) != self.config.embeddings:
+            loaded = "embeddings" if self.config.embeddings else "generation"
+            raise RequestRejected("invalid_request", f"this model is loaded for {loaded}", "model")
+        if request.kind is Kind.embed:
+            self._embed(request)
+            return
         if request.messages is not None:
             user = [m.content for m in request.messages if m.role == "user"]
             source = user[-1] if user else request.messages[-1].content
@@ -147,7 +156,22 @@ class FakeBackend(Backend):
             error=self.markers and "[[error]]" in source,
         ))
 
+    def _embed(self, request: Submit) -> None:
+        """Vectors made from the words' hashes: equal texts equal vectors, normalized."""
+        counted = 0
+        for i, text in enumerate(request.inputs or [f"ids{len(b)}" for b in request.inputs_ids]):
+            vec = np.zeros(8, dtype=np.float32)
+            for word in text.split() or ["(empty)"]:
+                vec[zlib.crc32(word.encode()) % 8] += 1.0
+            vec /= np.linalg.norm(vec)
+            counted += len(text.split())
+            self._ready.append(Delta(request.rid, finish_reason=FinishReason.stop, prompt_tokens=counted, index=i,
+                                     embedding=vec.tobytes()))
+
     def step(self) -> list[Delta]:
+        if self._ready:
+            ready, self._ready = self._ready, []
+            return ready
         while self._waiting and len(self._seqs) < max(1, self.config.max_batch):
             seq = self._waiting.popleft()
             self._seqs[seq.rid] = seq
@@ -188,7 +212,7 @@ class FakeBackend(Backend):
                     break
 
     def has_work(self) -> bool:
-        return bool(self._seqs) or bool(self._waiting)
+        return bool(self._seqs) or bool(self._waiting) or bool(self._ready)
 
     def occupancy(self) -> tuple[int, int]:
         return len(self._seqs), len(self._waiting)

@@ -33,11 +33,11 @@ import numpy as np
 from engine_proc.backends.base import Backend, BackendConfig, ModelInfo, RequestRejected
 from engine_proc.backends.batching import SlotTable, share_budget
 from engine_proc.backends.llama_sampling import SamplerChain
-from engine_proc.backends.llama_vocab import LlamaTokenizer
+from engine_proc.backends.llama_vocab import LlamaTokenizer, install_heartbeat
 from engine_proc.grammar import GrammarError
 from engine_proc.output import MAX_TOP_LOGPROBS, ChoiceOutput, token_logprob
 from engine_proc.tokenizer import TemplateError
-from ipc.records import Delta, SamplingParams, Submit
+from ipc.records import Delta, Kind, SamplingParams, Submit
 
 log = logging.getLogger("axserving.engine.llama_cpp")
 
@@ -171,10 +171,7 @@ class LlamaCppBackend(Backend):
         return ModelInfo(backend=self.name, n_ctx=self._n_ctx, description=description)
 
     def native_heartbeat(self, callback: int, address: int) -> bool:
-        # ggml calls this between the nodes of every graph it computes: the heartbeat keeps
-        # beating through a long prefill chunk, and stops if a kernel hangs or we are stopped.
-        self._beat_cb = llama_cpp.ggml_abort_callback(callback)
-        llama_cpp.llama_set_abort_callback(self._ctx, self._beat_cb, ctypes.c_void_p(address))
+        self._beat_cb = install_heartbeat(self._ctx, callback, address)
         return True
 
     def close(self) -> None:
@@ -198,6 +195,8 @@ class LlamaCppBackend(Backend):
     def submit(self, request: Submit) -> None:
         params, gen, tok = request.params, request.gen, self._tok
         assert tok is not None, "load() first"
+        if request.kind is not Kind.generate:
+            raise RequestRejected("invalid_request", "this model is loaded for generation, not embeddings", "model")
         if params.max_tokens < 1:
             raise RequestRejected("invalid_request", "max_tokens must be at least 1", "max_tokens")
         if not 1 <= gen.n <= self._slots.n_slots:
@@ -319,9 +318,13 @@ class LlamaCppBackend(Backend):
             if slots.n_slots - slots.running < 1 + len(seq.followers):
                 break  # a request's choices start together (they share its prefill)
             self._waiting.popleft()
-            running_kv = {s.slot: (s.tokens, s.n_past) for s in self._running}
-            place = slots.place(seq.tokens, running_kv)
-            reuse = self._place_kv(place.slot, place.donor, place.reuse)
+            if seq.exact:  # computed from scratch, the one way (see batching.share_budget)
+                place = slots.place(seq.tokens, {})
+                reuse = self._place_kv(place.slot, None, 0)
+            else:
+                running_kv = {s.slot: (s.tokens, s.n_past) for s in self._running}
+                place = slots.place(seq.tokens, running_kv)
+                reuse = self._place_kv(place.slot, place.donor, place.reuse)
             seq.slot = place.slot
             seq.n_past = reuse
             if seq.sampler is None:  # first start (a preempted sequence keeps its sampler)
@@ -413,7 +416,8 @@ class LlamaCppBackend(Backend):
             return []
         while True:
             plan = share_budget(
-                [s.pending for s in self._running], self._n_batch, [s.exact for s in self._running]
+                [s.pending for s in self._running], self._n_batch, [s.exact for s in self._running],
+                max(self._n_batch - self._slots.n_slots, 1),  # always room for it beside the decoders
             )
             outputs = self._fill_batch(plan)
             rc = llama_cpp.llama_decode(self._ctx, self._batch)

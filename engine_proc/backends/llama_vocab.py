@@ -1,4 +1,5 @@
-"""llama.cpp's vocabulary and chat template behind the :class:`~engine_proc.tokenizer.Tokenizer` seam."""
+"""llama.cpp's vocabulary and chat template behind the :class:`~engine_proc.tokenizer.Tokenizer`
+seam, and what both llama.cpp backends (generation, embeddings) share."""
 
 from __future__ import annotations
 
@@ -75,3 +76,12 @@ class LlamaTokenizer(Tokenizer):
     def longest_piece(self) -> int:
         """Bytes of the vocabulary's longest token (one pass over the vocabulary)."""
         return max((len(self.piece(t)) for t in range(self.n_vocab)), default=1) or 1
+
+
+def install_heartbeat(ctx: llama_cpp.llama_context_p, callback: int, address: int) -> object:
+    """Make ggml call ``callback(address)`` between the nodes of every graph it computes, so the
+    heartbeat keeps beating through a long decode and stops if a kernel hangs. Returns the ctypes
+    callback object, which must be kept alive while it is installed."""
+    beat = llama_cpp.ggml_abort_callback(callback)
+    llama_cpp.llama_set_abort_callback(ctx, beat, ctypes.c_void_p(address))
+    return beat

@@ -594,3 +594,52 @@ def test_responses_bad_input_names_the_field(client: TestClient, body: dict, par
     r = client.post("/v1/responses", json=body)
     assert r.status_code == 400, r.text
     assert err(r)["param"] == param
+
+
+# ---- embeddings ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_kinds() -> Iterator[TestClient]:
+    models = (ModelConfig(id="default", path="fake://echo", backend="fake", ctx_size=256),  # type: ignore[arg-type]
+              ModelConfig(id="embed", path="fake://embed", backend="fake", ctx_size=256, enable_embeddings=True))  # type: ignore[arg-type]
+    with TestClient(create_app(Settings(models=models, api_keys=(KEY,))), headers={"Authorization": f"Bearer {KEY}"}) as c:
+        ready_wait(c)
+        yield c
+
+
+def test_embeddings_float_and_base64_agree(two_kinds: TestClient) -> None:
+    import base64
+
+    import numpy as np
+
+    oai = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=two_kinds, max_retries=0)
+    texts = ["the cat sat", "the cat sat", "stock prices fell"]
+    r = oai.embeddings.create(model="embed", input=texts, encoding_format="float")
+    vectors = [np.array(d.embedding) for d in r.data]
+    assert [d.index for d in r.data] == [0, 1, 2] and r.usage.prompt_tokens == 9
+    assert all(abs(np.linalg.norm(v) - 1) < 1e-5 for v in vectors) and np.allclose(vectors[0], vectors[1])
+    raw = two_kinds.post("/v1/embeddings", json={"model": "embed", "input": texts, "encoding_format": "base64"}).json()
+    decoded = [np.frombuffer(base64.b64decode(d["embedding"]), dtype=np.float32) for d in raw["data"]]
+    assert all(np.allclose(a, b) for a, b in zip(vectors, decoded, strict=True))
+    models = {m["id"]: m["capabilities"] for m in two_kinds.get("/v1/models").json()["data"]}
+    assert models == {"default": ["generation"], "embed": ["embeddings"]}
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "embed", "input": []}, "input"),
+    ({"model": "embed", "input": ["a", ""]}, "input"),
+    ({"model": "embed", "input": [[1, 2], "x"]}, "input"),
+    ({"model": "embed", "input": "x", "encoding_format": "int8"}, "encoding_format"),
+    ({"model": "embed", "input": "x", "dimensions": 4}, "dimensions"),
+    ({"model": "default", "input": "x"}, "model"),
+])
+def test_embeddings_refuse_bad_input(two_kinds: TestClient, body: dict, param: str) -> None:  # type: ignore[type-arg]
+    r = two_kinds.post("/v1/embeddings", json=body)
+    assert r.status_code == 400, r.text
+    assert err(r)["param"] == param
+
+
+def test_a_model_loaded_for_embeddings_does_not_chat(two_kinds: TestClient) -> None:
+    r = two_kinds.post(CHAT, json={"model": "embed", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and err(r)["param"] == "model" and err(r)["code"] == "wrong_model_kind"

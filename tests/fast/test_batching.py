@@ -89,8 +89,10 @@ def test_decoders_always_get_their_token_and_prefill_shares_the_rest() -> None:
     assert share_budget([1, 1, 1], 2) == [1, 1, 1]  # never starve a running stream
     assert share_budget([1, 900, 1, 300], 512) == [1, 510, 1, 0]
     assert share_budget([300, 300, 1], 512) == [300, 211, 1]
-    assert share_budget([300, 300, 1], 512, [True, False, False]) == [299, 212, 1]  # its last token waits
-    assert share_budget([2], 512, [True]) == [1]
+    assert share_budget([300, 300, 1], 512, [True, False, False], 256) == [256, 255, 1]  # fixed chunks
+    assert share_budget([100, 300, 1], 512, [True, False, False], 256) == [99, 300, 1]  # its last token waits
+    assert share_budget([1, 400, 300], 512, [False, False, True], 256) == [1, 400, 0]  # no room: it waits
+    assert share_budget([2], 512, [True], 256) == [1]
     assert share_budget([], 512) == []
 
 
@@ -98,7 +100,7 @@ def test_decoders_always_get_their_token_and_prefill_shares_the_rest() -> None:
 def test_budget_is_respected_and_a_step_always_progresses(seqs: list[tuple[int, bool]], budget: int) -> None:
     pending = [p for p, _ in seqs]
     exact = [e for _, e in seqs]
-    out = share_budget(pending, budget, exact)
+    out = share_budget(pending, budget, exact, max(budget // 2, 1))
     assert all(n < p for n, p, e in zip(out, pending, exact, strict=True) if e and p > 1)
     decoders = sum(1 for p in pending if p == 1)
     assert all(0 <= n <= p for n, p in zip(out, pending, strict=True))

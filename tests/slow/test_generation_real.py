@@ -342,3 +342,39 @@ def test_responses_stream_matches_json_schema_and_function_call(oai: openai.Open
         {"type": "function_call_output", "call_id": call.call_id, "output": "21 C and sunny"},
     ], tool_choice="none")
     assert answer.output_text.strip()
+
+
+# ---- embeddings on the real model ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embed_model(server: Server, oai: openai.OpenAI, default_model: Path) -> str:
+    import httpx
+
+    r = httpx.post(f"{server.v1}/models", headers={"Authorization": f"Bearer {server.api_key}"}, timeout=120,
+                   json={"model_id": "smol-embed", "path": str(default_model), "enable_embeddings": True, "context_length": 512,
+                         "max_batch": 64})
+    assert r.status_code in (200, 201), r.text
+    return "smol-embed"
+
+
+def test_embeddings_on_the_real_model(oai: openai.OpenAI, embed_model: str) -> None:
+    import base64
+
+    import numpy as np
+
+    texts = ["The cat sat on the mat.", "A cat was sitting on a rug.", "Quarterly revenue grew by five percent."]
+    r = oai.embeddings.create(model=embed_model, input=texts)
+    v = [np.array(d.embedding) for d in r.data]
+    assert all(abs(np.linalg.norm(x) - 1) < 1e-4 for x in v) and len(v[0]) == 576
+    assert float(v[0] @ v[1]) > float(v[0] @ v[2])  # similar sentences are closer than unrelated ones
+    b = oai.embeddings.create(model=embed_model, input=texts, encoding_format="base64")
+    raw = [np.frombuffer(base64.b64decode(d.embedding), dtype=np.float32) for d in b.data]  # type: ignore[arg-type]
+    assert all(np.allclose(x, y, atol=1e-6) for x, y in zip(v, raw, strict=True))
+    many = oai.embeddings.create(model=embed_model, input=[f"sentence number {i} about topic {i % 7}" for i in range(64)])
+    assert [d.index for d in many.data] == list(range(64)) and many.usage.prompt_tokens > 64 * 4
+    ids = oai.embeddings.create(model=embed_model, input=[[1, 2, 3, 4]])
+    assert len(ids.data[0].embedding) == 576
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model=embed_model, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["param"] == "model"  # type: ignore[index]
