@@ -18,7 +18,13 @@ from axserving.auth import BearerAuthMiddleware
 from axserving.config import Settings, from_json
 from axserving.engine.client import EngineClient, EngineState, StateListener
 from axserving.engine.supervisor import EngineSupervisor
-from axserving.errors import APIError, MethodNotAllowed, NotFound, ServiceUnavailable, body_for
+from axserving.errors import (
+    APIError,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+    body_for,
+)
 from axserving.generation import CLIENT_CLOSED
 from axserving.logs import setup_logging
 from axserving.metrics import Metrics, ModelsCollector, SchedulerCollector

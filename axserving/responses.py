@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import array
 import time
-from base64 import b64encode
 import uuid
+from base64 import b64encode
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 

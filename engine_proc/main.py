@@ -15,9 +15,9 @@ import signal
 import sys
 import time
 
+from engine_proc import utility
 from engine_proc.backends import make_backend
 from engine_proc.backends.base import Backend, RequestRejected
-from engine_proc import utility
 from engine_proc.spec import EngineSpec
 from ipc import fences, records
 from ipc.channel import EngineEnd

@@ -20,7 +20,7 @@ import time
 import httpx
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from parity_fields import _server  # noqa: E402  (perf/ is scripts, not a package)
+from parity_fields import _server
 
 TEXTS = [f"Sentence {i}: the quick brown fox jumps over the lazy dog number {i % 13}." for i in range(64)]
 

@@ -18,8 +18,8 @@ from typing import Any
 from axserving.engine.client import EngineClient, EngineState, StateListener
 from axserving.engine.stream import RequestStream
 from axserving.errors import EngineUnavailable, from_engine_failure
-from engine_proc.backends.base import RequestRejected
 from engine_proc import utility
+from engine_proc.backends.base import RequestRejected
 from engine_proc.backends.fake import FakeBackend
 from engine_proc.spec import BackendConfig
 from ipc import records

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from axserving.routes import embeddings, inference, messages, models, ops, responses_api, utility
+from axserving.routes import (
+    embeddings,
+    inference,
+    messages,
+    models,
+    ops,
+    responses_api,
+    utility,
+)
 
 
 def routes() -> list[Route]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TypeVar
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -16,7 +18,7 @@ from axserving import protocol
 from axserving.config import RestSettings
 from axserving.errors import BodyTimeout, PayloadTooLarge, ServiceUnavailable
 from axserving.generation import InferenceResponse, Job, client_key
-from axserving.responses import ChatShape, CompletionShape
+from axserving.responses import ChatShape, CompletionShape, Shape
 from axserving.scheduler import Priority
 from axserving.state import app_state
 from ipc.records import Generation, SamplingParams, Submit
@@ -61,6 +63,58 @@ def _completion_submit(req: protocol.CompletionRequest, gen: Generation) -> Buil
     return lambda rid, params: Submit(rid=rid, params=params, prompt_ids=ids, gen=gen)
 
 
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+async def parsed(request: Request, kind: type[S]) -> S:
+    """The request's body as ``kind`` (400 naming the field), its ``model`` checked; 503 while
+    the server shuts down. Every model-serving route starts here."""
+    state = app_state(request)
+    if state.shutting_down:
+        raise ServiceUnavailable("the server is shutting down")
+    req = protocol.parse(await read_body(request, state.settings.rest), kind)
+    model = getattr(req, "model", None)
+    if model is not None:
+        protocol.check_model_id(model)
+    return req
+
+
+def respond(
+    request: Request,
+    *,
+    endpoint: str,
+    model: str | None,
+    shape: Callable[..., Shape],
+    build: Build,
+    sampling: protocol.RequestSampling | None = None,
+    gen: Generation | None = None,
+    stream: bool = False,
+    include_usage: bool = False,
+    embeddings: bool = False,
+    priority: str | None = None,
+) -> InferenceResponse:
+    """The response that runs the request (admission, engine, streaming, metrics): one place for
+    every route that serves a model."""
+    if priority is not None:
+        rank = Priority.parse(priority)
+    else:
+        rank = Priority.parse(request.headers.get("x-priority"), param="X-Priority")
+    job = Job(
+        endpoint=endpoint,
+        model=model,
+        sampling=sampling or protocol.RequestSampling.unset(),
+        shape=shape,
+        include_usage=include_usage,
+        stream=stream,
+        build=build,
+        gen=gen or Generation(),
+        embeddings=embeddings,
+        priority=rank,
+        client=client_key(request),
+    )
+    return InferenceResponse(app_state(request), job)
+
+
 async def _serve(
     request: Request,
     endpoint: str,
@@ -68,29 +122,13 @@ async def _serve(
     shape: type[ChatShape | CompletionShape],
     submit: Callable[[protocol.R, Generation], Build],
 ) -> Response:
-    state = app_state(request)
-    if state.shutting_down:
-        raise ServiceUnavailable("the server is shutting down")
-    req = protocol.parse(await read_body(request, state.settings.rest), kind)
-    if req.priority is not None:
-        priority = Priority.parse(req.priority)
-    else:
-        priority = Priority.parse(request.headers.get("x-priority"), param="X-Priority")
-    sampling = protocol.sampling_params(req)
+    req = await parsed(request, kind)
     gen = protocol.generation(req)
-    job = Job(
-        endpoint=endpoint,
-        model=req.model,
-        sampling=sampling,
-        shape=shape,
-        include_usage=protocol.include_usage(req),
-        stream=req.stream,
-        build=submit(req, gen),
-        gen=gen,
-        priority=priority,
-        client=client_key(request),
+    return respond(
+        request, endpoint=endpoint, model=req.model, shape=shape, build=submit(req, gen),
+        sampling=protocol.sampling_params(req), gen=gen, stream=req.stream,
+        include_usage=protocol.include_usage(req), priority=req.priority,
     )
-    return InferenceResponse(state, job)
 
 
 async def chat_completions(request: Request) -> Response:

@@ -1,6 +1,5 @@
 """POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API (see
-:mod:`axserving.anthropic`), served by :class:`~axserving.generation.InferenceResponse` as chat
-completions are."""
+:mod:`axserving.anthropic`), served as chat completions are."""
 
 from __future__ import annotations
 
@@ -8,53 +7,27 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from axserving import anthropic, protocol
-from axserving.errors import ServiceUnavailable
-from axserving.generation import InferenceResponse, Job, client_key
-from axserving.routes.inference import read_body
-from axserving.scheduler import Priority
-from axserving.state import app_state
+from axserving.routes.inference import parsed, respond
 from ipc.records import Kind, SamplingParams, Submit
 
 
 async def messages(request: Request) -> Response:
-    state = app_state(request)
-    if state.shutting_down:
-        raise ServiceUnavailable("the server is shutting down")
-    req = protocol.parse(await read_body(request, state.settings.rest), anthropic.MessagesRequest)
-    if req.model is not None:
-        protocol.check_model_id(req.model)
-    chat = anthropic.messages(req)
-    gen = anthropic.generation(req)
+    req = await parsed(request, anthropic.MessagesRequest)
+    chat, gen = anthropic.messages(req), anthropic.generation(req)
 
     def build(rid: int, params: SamplingParams) -> Submit:
         return Submit(rid=rid, params=params, messages=chat, gen=gen)
 
-    job = Job(
-        endpoint="messages",
-        model=req.model,
-        sampling=anthropic.sampling(req),
-        shape=anthropic.MessageShape,
-        include_usage=True,
-        stream=req.stream,
-        build=build,
-        gen=gen,
-        priority=Priority.parse(request.headers.get("x-priority"), param="X-Priority"),
-        client=client_key(request),
-    )
-    return InferenceResponse(state, job)
+    return respond(request, endpoint="messages", model=req.model, shape=anthropic.MessageShape, build=build,
+                   sampling=anthropic.sampling(req), gen=gen, stream=req.stream)
 
 
 async def count_tokens(request: Request) -> Response:
-    state = app_state(request)
-    req = protocol.parse(await read_body(request, state.settings.rest), anthropic.CountTokensRequest)
-    if req.model is not None:
-        protocol.check_model_id(req.model)
-    chat = anthropic.messages(req)
-    gen = anthropic.generation(req)
+    req = await parsed(request, anthropic.CountTokensRequest)
+    chat, gen = anthropic.messages(req), anthropic.generation(req)
 
     def build(rid: int, params: SamplingParams) -> Submit:
         return Submit(rid=rid, params=params, messages=chat, gen=gen, kind=Kind.tokenize)
 
-    job = Job(endpoint="count_tokens", model=req.model, sampling=protocol.RequestSampling.unset(),
-              shape=anthropic.CountShape, include_usage=False, stream=False, build=build, client=client_key(request))
-    return InferenceResponse(state, job)
+    return respond(request, endpoint="count_tokens", model=req.model, shape=anthropic.CountShape, build=build,
+                   sampling=protocol.RequestSampling.unset())

@@ -37,7 +37,15 @@ from engine_proc.backends.base import Backend, ModelInfo, RequestRejected
 from engine_proc.grammar import GrammarError
 from engine_proc.output import ChoiceOutput
 from engine_proc.tokenizer import Tokenizer
-from ipc.records import Delta, FinishReason, Kind, Submit, TokenLogprob, TopLogprob, merge
+from ipc.records import (
+    Delta,
+    FinishReason,
+    Kind,
+    Submit,
+    TokenLogprob,
+    TopLogprob,
+    merge,
+)
 
 EOS = 0
 
@@ -63,10 +71,10 @@ class WordTokenizer(Tokenizer):
         return out
 
     def piece(self, token: int) -> bytes:
-        return self._words[token].encode()
+        return self.token_text(token).encode()
 
     def token_text(self, token: int) -> str:
-        return self._words[token]
+        return self._words[token] if token < len(self._words) else f"t{token} "  # ids never seen
 
     def is_eog(self, token: int) -> bool:
         return token == EOS

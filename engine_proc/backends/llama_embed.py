@@ -39,6 +39,10 @@ class _Input:
 
 class LlamaEmbeddingBackend(Backend):
     name = "llama_cpp"
+    # Tokens per decode (an input longer than this gets a decode of its own). Throughput is
+    # the same from 128 to 2048 here (about 300 tokens/s of prefill on 2 threads, measured with
+    # 64 inputs); a bounded step keeps cancellation and the heartbeat prompt.
+    TOKENS_PER_STEP = 512
 
     def __init__(self, config: BackendConfig) -> None:
         super().__init__(config)
@@ -120,7 +124,8 @@ class LlamaEmbeddingBackend(Backend):
             return []
         take: list[_Input] = []
         used = 0
-        while self._waiting and len(take) < self._n_seq and used + len(self._waiting[0].tokens) <= self._n_ctx:
+        limit = max(self.TOKENS_PER_STEP, len(self._waiting[0].tokens))
+        while self._waiting and len(take) < self._n_seq and used + len(self._waiting[0].tokens) <= min(limit, self._n_ctx):
             used += len(self._waiting[0].tokens)
             take.append(self._waiting.popleft())
         batch, ctx = self._batch, self._ctx

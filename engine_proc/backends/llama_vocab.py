@@ -78,7 +78,7 @@ class LlamaTokenizer(Tokenizer):
         return max((len(self.piece(t)) for t in range(self.n_vocab)), default=1) or 1
 
 
-def install_heartbeat(ctx: llama_cpp.llama_context_p, callback: int, address: int) -> object:
+def install_heartbeat(ctx: llama_cpp.llama_context_p | None, callback: int, address: int) -> object:
     """Make ggml call ``callback(address)`` between the nodes of every graph it computes, so the
     heartbeat keeps beating through a long decode and stops if a kernel hangs. Returns the ctypes
     callback object, which must be kept alive while it is installed."""

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from axserving.openapi import document
 from tests.server import Server, run_server
@@ -50,8 +51,11 @@ def check_response(server: Server, case: Any, response: Any) -> None:
 def test_no_server_errors_and_errors_in_shape(case: Any, fuzzed: Server) -> None:
     if case.path.startswith("/v1/models") and case.method.upper() in ("DELETE", "POST") and "reload" not in case.path:
         case.path_parameters = {"model_id": "fuzz-" + str(abs(hash(str(case.body))) % 1000)} if case.path_parameters else None
-    response = case.call(base_url=fuzzed.url, headers={"Authorization": f"Bearer {fuzzed.api_key}"}, timeout=30)
+    headers = {"Authorization": f"Bearer {fuzzed.api_key}"}
+    response = case.call(base_url=fuzzed.url, headers=headers, timeout=30)
     check_response(fuzzed, case, response)
+    if response.status_code < 300:  # a success body matches the document's type for it
+        case.validate_response(response, checks=[response_schema_conformance])
 
 
 def test_the_document_covers_every_route() -> None:
