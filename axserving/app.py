@@ -28,7 +28,7 @@ from axserving.errors import (
 from axserving.generation import CLIENT_CLOSED
 from axserving.logs import setup_logging
 from axserving.metrics import Metrics, ModelsCollector, SchedulerCollector
-from axserving.middleware import ResponseHeadersMiddleware
+from axserving.middleware import ResponseHeadersMiddleware, request_id_middleware
 from axserving.models.manager import ClientFactory, ModelManager
 from axserving.models.spec import ModelSpec
 from axserving.routes import routes
@@ -78,7 +78,7 @@ def engine_processes(settings: Settings) -> ClientFactory:
     def make(spec: ModelSpec, on_event: StateListener) -> EngineClient:
         return EngineSupervisor(
             spec.id, spec.backend, spec.engine, settings.engine,
-            log_level=settings.logging.level.value, on_event=on_event,
+            log_level=settings.logging.level.value, log_format=settings.logging.format.value, on_event=on_event,
         )
 
     return make
@@ -119,6 +119,7 @@ def create_app(settings: Settings, engines: ClientFactory | None = None, own_sig
     app = Starlette(
         routes=routes(),
         middleware=[
+            Middleware(request_id_middleware),
             Middleware(ResponseHeadersMiddleware),
             Middleware(BearerAuthMiddleware, keys=settings.api_keys),
         ],

@@ -20,6 +20,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import msgspec
+from asgi_correlation_id import correlation_id
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -105,6 +107,11 @@ class _Outcome:
         m.e2e.labels(model).observe(time.monotonic() - self.arrived)
         if self.ttft is not None:
             m.ttft.labels(model).observe(self.ttft)
+        log.info(
+            "%s %s %d: prompt %d, completion %d, cached %d tokens, ttft %s ms, %d ms",
+            self.job.endpoint, model, self.status, self.prompt_tokens, self.completion_tokens, self.cached_tokens,
+            "-" if self.ttft is None else round(self.ttft * 1000), round((time.monotonic() - self.arrived) * 1000),
+        )
         m.prompt_tokens.labels(model).inc(self.prompt_tokens)
         m.cached_prompt_tokens.labels(model).inc(self.cached_tokens)
         m.generation_tokens.labels(model).inc(self.completion_tokens)
@@ -211,8 +218,9 @@ class InferenceResponse(Response):
             # The request's own time starts once it has a slot: max_wait_ms bounded the wait.
             deadline = ticket.started + sched.request_timeout_secs
             ready_by = min(ticket.started + sched.max_wait_ms / 1000, deadline)
+            request_id = correlation_id.get() or ""
             stream = outcome.stream = await lease.client.submit(
-                lambda rid: job.build(rid, params), ready_by, deadline
+                lambda rid: msgspec.structs.replace(job.build(rid, params), request_id=request_id), ready_by, deadline
             )
             # Wait for the first output before answering, so an engine-side rejection (a prompt
             # longer than the context, say) is an ordinary HTTP error for streaming requests too.

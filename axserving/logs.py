@@ -1,35 +1,13 @@
-"""Logging set-up from settings: plain text or one JSON object per line."""
+"""Logging set-up from settings (see :mod:`engine_proc.logs`, shared with the engines): each
+front record carries the id of the request being served (asgi-correlation-id's context)."""
 
 from __future__ import annotations
 
-import logging
-import sys
+from asgi_correlation_id import correlation_id
 
-import orjson
-
-from axserving.config import LogFormat, LogSettings
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "pid": record.process,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry).decode()
+from axserving.config import LogSettings
+from engine_proc.logs import configure
 
 
 def setup_logging(settings: LogSettings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.format is LogFormat.json:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.level.value.upper())
+    configure(settings.level.value, settings.format.value, "front", correlation_id.get)

@@ -1,15 +1,22 @@
-"""Headers every response carries: ``X-Request-ID`` (the client's, else a new one) and the
-security headers the reference server sends."""
+"""Headers every response carries: ``X-Request-ID`` (the client's when it is a sane token, else a
+new one; asgi-correlation-id keeps it in a context variable for the request's log lines and its
+engine record) and the security headers."""
 
 from __future__ import annotations
 
 import re
 import uuid
 
+from asgi_correlation_id import CorrelationIdMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-_SAFE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
-_STATIC = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_STATIC = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+]
 
 
 def scope_header(scope: Scope, name: bytes) -> bytes:
@@ -20,6 +27,16 @@ def scope_header(scope: Scope, name: bytes) -> bytes:
     return b""
 
 
+def request_id_middleware(app: ASGIApp) -> ASGIApp:
+    return CorrelationIdMiddleware(
+        app,
+        header_name="X-Request-ID",
+        generator=lambda: uuid.uuid4().hex,
+        validator=lambda value: bool(_SAFE_ID.match(value)),
+        transformer=None,
+    )
+
+
 class ResponseHeadersMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -28,17 +45,10 @@ class ResponseHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = scope_header(scope, b"x-request-id")
-        if not _SAFE_ID.match(request_id):
-            request_id = uuid.uuid4().hex.encode()
-        scope.setdefault("state", {})["request_id"] = request_id.decode()
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id))
-                headers.extend(_STATIC)
-                message["headers"] = headers
+                message["headers"] = [*message.get("headers", []), *_STATIC]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

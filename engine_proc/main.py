@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from engine_proc import utility
+from engine_proc import logs, utility
 from engine_proc.backends import make_backend
 from engine_proc.backends.base import Backend, RequestRejected
 from engine_proc.spec import EngineSpec
@@ -53,6 +53,7 @@ class EngineLoop:
 
     def handle(self, record: records.ToEngine) -> None:
         if isinstance(record, records.Submit):
+            log.debug("request %d: %s accepted", record.rid, record.kind.value, extra={"request_id": record.request_id})
             try:
                 if record.kind.utility:
                     assert self.backend.tokenizer is not None
@@ -60,9 +61,10 @@ class EngineLoop:
                     return
                 self.backend.submit(record)
             except RequestRejected as e:
+                log.info("request %d refused: %s", record.rid, e.message, extra={"request_id": record.request_id})
                 self.send(records.Failed(record.rid, e.code, e.message, e.param))
             except Exception as e:  # a bad request must not take the engine down
-                log.exception("submit of request %d failed", record.rid)
+                log.exception("submit of request %d failed", record.rid, extra={"request_id": record.request_id})
                 self.send(records.Failed(record.rid, records.FailCode.engine_error, f"{type(e).__name__}: {e}"))
         elif isinstance(record, records.Abort):
             self.backend.abort(record.rid)
@@ -167,10 +169,7 @@ def engine_main(spec: EngineSpec) -> None:
     # the front, which stops it in order (Shutdown record), or kills it, or dies (pdeathsig).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=spec.log_level,
-        format=f"%(asctime)s %(levelname)s engine[{spec.model_id}:{os.getpid()}] %(message)s",
-    )
+    logs.configure(spec.log_level, spec.log_format, f"engine:{spec.model_id}")
     channel = EngineEnd(spec.channel)
     backend = make_backend(spec.backend, spec.config)
     try:

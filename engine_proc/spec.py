@@ -81,6 +81,7 @@ class EngineSpec:
     channel: ChannelSpec
     front_pid: int
     log_level: str = "INFO"
+    log_format: str = "text"  # or json (one object per line), as the front's
     nice: int = 0  # added to the engine's niceness: the front's short bursts then run first
 
 

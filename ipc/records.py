@@ -110,6 +110,7 @@ class Submit(msgspec.Struct, tag=1, **_STRUCT):
     kind: Kind = Kind.generate
     inputs: tuple[str, ...] = ()  # embed: the texts
     inputs_ids: tuple[bytes, ...] = ()  # embed: inputs given as token ids (packed int32 each)
+    request_id: str = ""  # the front's X-Request-ID, for the engine's log lines
     add_special: bool = False  # tokenize: a BOS as a completion prompt would start with
     with_pieces: bool = False  # tokenize: each token's bytes too
 

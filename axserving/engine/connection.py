@@ -63,6 +63,7 @@ class EngineConnection:
         event_ring_bytes: int,
         log_level: str,
         nice: int = 0,
+        log_format: str = "text",
     ) -> EngineConnection:
         """A connection with its rings created (in a thread: mapping them up front takes
         milliseconds that the event loop does not wait for); :meth:`start` spawns the engine."""
@@ -74,7 +75,7 @@ class EngineConnection:
             if making.exception() is None:
                 making.result().close()
             raise
-        return cls(model_id, channel, backend, backend_config, log_level, nice)
+        return cls(model_id, channel, backend, backend_config, log_level, nice, log_format)
 
     def __init__(
         self,
@@ -84,6 +85,7 @@ class EngineConnection:
         backend_config: BackendConfig,
         log_level: str,
         nice: int = 0,
+        log_format: str = "text",
     ) -> None:
         self.model_id = model_id
         self.channel = channel
@@ -94,6 +96,7 @@ class EngineConnection:
             channel=self.channel.spec,
             front_pid=os.getpid(),
             log_level=log_level.upper(),
+            log_format=log_format,
             nice=nice,
         )
         self.process: BaseProcess | None = None

@@ -41,12 +41,14 @@ class EngineSupervisor(EngineClient):
         settings: EngineSettings,
         log_level: str = "info",
         on_event: StateListener | None = None,
+        log_format: str = "text",
     ) -> None:
         self.model_id = model_id
         self.backend = backend
         self.backend_config = backend_config
         self.settings = settings
         self.log_level = log_level
+        self.log_format = log_format
         self.state = EngineState.loading
         self.restarts = 0
         self.last_error: str | None = None
@@ -204,6 +206,7 @@ class EngineSupervisor(EngineClient):
                 self.settings.event_ring_bytes,
                 self.log_level,
                 self.settings.nice,
+                self.log_format,
             )
             self.conn = conn
             await conn.start()
