@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from axserving.auth import BearerAuthMiddleware
 from axserving.config import Settings, from_json
@@ -116,12 +117,16 @@ def create_app(settings: Settings, engines: ClientFactory | None = None, own_sig
             await manager.close()
             log.info("all engines stopped")
 
+    def audit_auth_failure(scope: Scope, err: APIError) -> None:
+        client = scope.get("client") or ("", 0)
+        state.audit.record("auth.failure", client[0], f"{scope['method']} {scope['path']}", f"{err.status}", err.message)
+
     app = Starlette(
         routes=routes(),
         middleware=[
             Middleware(request_id_middleware),
             Middleware(ResponseHeadersMiddleware),
-            Middleware(BearerAuthMiddleware, keys=settings.api_keys),
+            Middleware(BearerAuthMiddleware, keys=settings.api_keys, on_failure=audit_auth_failure),
         ],
         exception_handlers={
             APIError: _api_error,

@@ -10,10 +10,11 @@ probes and metrics stay open for orchestrators and scrapers.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from axserving.errors import AuthenticationFailed, error_body
+from axserving.errors import APIError, AuthenticationFailed, error_body
 from axserving.middleware import scope_header
 
 OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/metrics", "/openapi.json"})
@@ -27,9 +28,13 @@ def key_matches(presented: bytes, keys: tuple[bytes, ...]) -> bool:
 
 
 class BearerAuthMiddleware:
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+    def __init__(
+        self, app: ASGIApp, keys: tuple[str, ...], on_failure: Callable[[Scope, APIError], None] | None = None
+    ) -> None:
+        """``on_failure``: told of every refused request (the audit trail)."""
         self.app = app
         self.keys = tuple(k.encode() for k in keys)
+        self.on_failure = on_failure
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
@@ -48,6 +53,8 @@ class BearerAuthMiddleware:
         else:
             await self.app(scope, receive, send)
             return
+        if self.on_failure is not None:
+            self.on_failure(scope, err)
         body = error_body(err, scope["path"])
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]

@@ -228,6 +228,8 @@ OPERATIONS = (
     Operation("post", "/v1/models/{model_id}/reload", "Reload a model without downtime", answer=ModelObject,
               errors=(401, 404, 409, 503)),
     Operation("get", "/v1/admin/status", "Private details: engines, scheduler, memory", errors=(401,)),
+    Operation("get", "/v1/admin/audit", "The audit trail: model changes and refused callers (?limit=N)",
+              errors=(400, 401)),
     Operation("get", "/health", "Health (public)", errors=(), public=True),
     Operation("get", "/readyz", "Ready to serve (public)", errors=(503,), public=True),
     Operation("get", "/livez", "Alive (public)", errors=(), public=True),

@@ -10,6 +10,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from axserving.audit import AuditLog
 from axserving.config import Settings
 from axserving.metrics import Metrics
 from axserving.models.manager import ModelManager
@@ -22,6 +23,7 @@ class AppState:
     models: ModelManager
     scheduler: Scheduler
     metrics: Metrics = field(default_factory=Metrics)
+    audit: AuditLog = field(default_factory=AuditLog)
     started: float = field(default_factory=time.monotonic)
     admitted: int = 0  # requests between admission and their final byte
     shutting_down: bool = False

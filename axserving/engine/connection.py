@@ -43,10 +43,11 @@ _HEARTBEAT_CHECK_S = 0.1  # re-check the event ring this often, in case a wake-u
 
 
 def fingerprint(request: records.Submit) -> bytes:
-    """What a request is, whatever its rid: the key crashes are blamed on. Computed only after a
-    crash, or while some request is suspected: never on the ordinary request path."""
+    """What a request is, whatever its rid and request id (a client's retry gets a new one): the
+    key crashes are blamed on. Computed only after a crash, or while some request is suspected:
+    never on the ordinary request path."""
     try:
-        encoded = records.encode(msgspec.structs.replace(request, rid=0))
+        encoded = records.encode(msgspec.structs.replace(request, rid=0, request_id=""))
     except OverflowError:
         return b""
     return hashlib.blake2b(encoded, digest_size=16).digest()

@@ -23,6 +23,7 @@ def routes() -> list[Route]:
         Route("/readyz", ops.readyz, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
         Route("/v1/admin/status", ops.admin_status, methods=["GET"]),
+        Route("/v1/admin/audit", ops.admin_audit, methods=["GET"]),
     ]
     for prefix in ("/v1", ""):
         out += [

@@ -3,6 +3,8 @@ aliases and pinned flag), and run-time management: load, unload, reload."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -11,7 +13,8 @@ from starlette.responses import Response
 
 from axserving import protocol
 from axserving.config import ModelConfig
-from axserving.errors import ServiceUnavailable, UnprocessableRequest
+from axserving.errors import APIError, ServiceUnavailable, UnprocessableRequest
+from axserving.generation import client_key
 from axserving.routes.inference import read_body
 from axserving.state import app_state, json_response
 
@@ -68,23 +71,44 @@ async def retrieve_model(request: Request) -> Response:
     return json_response(model.describe(private=True))
 
 
+@contextlib.asynccontextmanager
+async def audited(request: Request, action: str, target: str) -> AsyncIterator[None]:
+    """Record the change in the audit trail with its caller and outcome, however it ends."""
+    audit, actor = app_state(request).audit, client_key(request)
+    try:
+        yield
+    except APIError as e:
+        audit.record(action, actor, target, f"{e.status} {e.code or e.type}", e.message)
+        raise
+    except BaseException as e:
+        audit.record(action, actor, target, "failed", type(e).__name__)
+        raise
+    audit.record(action, actor, target, "ok")
+
+
 async def load_model(request: Request) -> Response:
     state = app_state(request)
     if state.shutting_down:
         raise ServiceUnavailable("the server is shutting down")
     req = protocol.parse(await read_body(request, state.settings.rest), LoadRequest)
-    model = await state.models.load(to_config(req))
+    async with audited(request, "model.load", req.model_id):
+        model = await state.models.load(to_config(req))
     return json_response(model.describe(private=True), status=201)
 
 
 async def unload_model(request: Request) -> Response:
     state = app_state(request)
-    return json_response(await state.models.unload(request.path_params["model_id"]))
+    model_id = request.path_params["model_id"]
+    async with audited(request, "model.unload", model_id):
+        body = await state.models.unload(model_id)
+    return json_response(body)
 
 
 async def reload_model(request: Request) -> Response:
     state = app_state(request)
     if state.shutting_down:
         raise ServiceUnavailable("the server is shutting down")
-    model = await state.models.reload(request.path_params["model_id"])
+    model_id = request.path_params["model_id"]
+    async with audited(request, "model.reload", model_id):
+        model = await state.models.reload(model_id)
     return json_response(model.describe(private=True))

@@ -16,6 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from axserving import __version__
+from axserving.audit import RING
+from axserving.errors import InvalidRequest
 from axserving.models import memory
 from axserving.state import AppState, app_state, json_response
 
@@ -81,6 +83,15 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(app_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def admin_audit(request: Request) -> Response:
+    """``GET /v1/admin/audit?limit=N``: the newest N events (default 100, at most the ring's 1000)."""
+    raw = request.query_params.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= RING:
+        raise InvalidRequest(f"'limit' must be an integer from 1 to {RING}, got {raw!r}", param="limit")
+    audit = app_state(request).audit
+    return json_response({"object": "list", "data": audit.tail(int(raw)), "total": len(audit)})
 
 
 async def admin_status(request: Request) -> Response:

@@ -643,3 +643,25 @@ def test_embeddings_refuse_bad_input(two_kinds: TestClient, body: dict, param: s
 def test_a_model_loaded_for_embeddings_does_not_chat(two_kinds: TestClient) -> None:
     r = two_kinds.post(CHAT, json={"model": "embed", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400 and err(r)["param"] == "model" and err(r)["code"] == "wrong_model_kind"
+
+
+# ---- the audit trail -----------------------------------------------------------------------------------
+
+
+def test_audit_records_loads_unloads_and_refusals(client: TestClient) -> None:
+    assert client.get("/v1/admin/audit", headers={"Authorization": ""}).status_code == 401
+    r = client.post("/v1/models", json={"model_id": "audited", "path": "fake://a", "backend": "fake"})
+    assert r.status_code == 201, r.text
+    assert client.delete("/v1/models/audited").status_code == 200
+    assert client.delete("/v1/models/never-loaded").status_code == 404
+    client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+    events = client.get("/v1/admin/audit", params={"limit": 1000}).json()["data"]
+    mine = [(e["action"], e["target"], e["outcome"]) for e in events]
+    assert ("model.load", "audited", "ok") in mine and ("model.unload", "audited", "ok") in mine
+    assert ("model.unload", "never-loaded", "404 model_not_found") in mine
+    assert any(a == "auth.failure" and t == "GET /v1/models" and o == "401" for a, t, o in mine)
+    load = next(e for e in events if e["action"] == "model.load")
+    assert load["actor"] and load["request_id"] and load["ts"] > 0
+    assert all(KEY not in str(e) and "wrong" not in e["actor"] for e in events)  # keys are never kept
+    assert client.get("/v1/admin/audit", params={"limit": 0}).status_code == 400
+    assert len(client.get("/v1/admin/audit", params={"limit": 1}).json()["data"]) == 1
