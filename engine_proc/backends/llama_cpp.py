@@ -33,7 +33,12 @@ import numpy as np
 from engine_proc.backends.base import Backend, BackendConfig, ModelInfo, RequestRejected
 from engine_proc.backends.batching import SlotTable, share_budget
 from engine_proc.backends.llama_sampling import SamplerChain
-from engine_proc.backends.llama_vocab import LlamaTokenizer, install_heartbeat
+from engine_proc.backends.llama_vocab import (
+    LlamaTokenizer,
+    install_heartbeat,
+    open_model,
+    release,
+)
 from engine_proc.grammar import GrammarError
 from engine_proc.output import MAX_TOP_LOGPROBS, ChoiceOutput, token_logprob
 from engine_proc.tokenizer import TemplateError
@@ -118,15 +123,7 @@ class LlamaCppBackend(Backend):
         n_threads = cfg.n_threads or os.cpu_count() or 1
         # The Llama object is only the model, its vocab and metadata: its own context is kept
         # tiny, and generation runs in one created below with max_batch sequences.
-        llama = llama_cpp.Llama(
-            model_path=cfg.model_path,
-            n_ctx=256,
-            n_batch=8,
-            n_ubatch=8,
-            n_threads=1,
-            verbose=False,
-        )
-        self._llama = llama
+        llama = self._llama = open_model(cfg.model_path)
         self._tok = self.tokenizer = LlamaTokenizer(llama)
         n_seq = self._slots.n_slots
         self._n_batch = max(cfg.n_batch, n_seq)
@@ -178,15 +175,8 @@ class LlamaCppBackend(Backend):
         for seq in list(self._running):
             self._end(seq, keep_cache=False)
         self._waiting.clear()
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx is not None:
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        if self._llama is not None:
-            self._llama.close()
-            self._llama = None
+        release(self._batch, self._ctx, self._llama)
+        self._batch = self._ctx = self._llama = None
         self._tok = None
         self._memory = None
 

@@ -21,7 +21,12 @@ import llama_cpp
 import numpy as np
 
 from engine_proc.backends.base import Backend, BackendConfig, ModelInfo, RequestRejected
-from engine_proc.backends.llama_vocab import LlamaTokenizer, install_heartbeat
+from engine_proc.backends.llama_vocab import (
+    LlamaTokenizer,
+    install_heartbeat,
+    open_model,
+    release,
+)
 from ipc.records import Delta, FinishReason, Kind, Submit
 
 log = logging.getLogger("axserving.engine.llama_embed")
@@ -56,8 +61,7 @@ class LlamaEmbeddingBackend(Backend):
 
     def load(self) -> ModelInfo:
         cfg = self.config
-        llama = llama_cpp.Llama(model_path=cfg.model_path, n_ctx=256, n_batch=8, n_ubatch=8, n_threads=1, verbose=False)
-        self._llama = llama
+        llama = self._llama = open_model(cfg.model_path)
         tok = self._tok = LlamaTokenizer(llama)
         self.tokenizer = tok
         arch = llama.metadata.get("general.architecture", "")
@@ -174,12 +178,5 @@ class LlamaEmbeddingBackend(Backend):
         return 0, len(self._waiting)
 
     def close(self) -> None:
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx is not None:
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        if self._llama is not None:
-            self._llama.close()
-            self._llama = None
+        release(self._batch, self._ctx, self._llama)
+        self._batch = self._ctx = self._llama = None

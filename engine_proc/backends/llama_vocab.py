@@ -85,3 +85,20 @@ def install_heartbeat(ctx: llama_cpp.llama_context_p | None, callback: int, addr
     beat = llama_cpp.ggml_abort_callback(callback)
     llama_cpp.llama_set_abort_callback(ctx, beat, ctypes.c_void_p(address))
     return beat
+
+
+def open_model(path: str) -> llama_cpp.Llama:
+    """The model, its vocabulary and metadata. Its own context is kept tiny: each backend
+    computes in a context of its own (generation with max_batch sequences, or embeddings)."""
+    return llama_cpp.Llama(model_path=path, n_ctx=256, n_batch=8, n_ubatch=8, n_threads=1, verbose=False)
+
+
+def release(batch: llama_cpp.llama_batch | None, ctx: llama_cpp.llama_context_p | None,
+            llama: llama_cpp.Llama | None) -> None:
+    """Free what a backend holds, in order: the batch, its context, then the model."""
+    if batch is not None:
+        llama_cpp.llama_batch_free(batch)
+    if ctx is not None:
+        llama_cpp.llama_free(ctx)
+    if llama is not None:
+        llama.close()
