@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -29,9 +31,10 @@ from axserving.errors import (
 from axserving.generation import CLIENT_CLOSED
 from axserving.logs import setup_logging
 from axserving.metrics import Metrics, ModelsCollector, SchedulerCollector
-from axserving.middleware import ResponseHeadersMiddleware, request_id_middleware
+from axserving.middleware import ResponseCounterMiddleware, ResponseHeadersMiddleware, request_id_middleware
 from axserving.models.manager import ClientFactory, ModelManager
 from axserving.models.spec import ModelSpec
+from axserving.recent import sample_forever
 from axserving.routes import routes
 from axserving.scheduler import Scheduler
 from axserving.shutdown import WorkerShutdown
@@ -42,6 +45,7 @@ from ipc.ring import sweep_orphans
 log = logging.getLogger("axserving")
 
 SETTINGS_ENV = "AXS__RESOLVED_SETTINGS"  # how `axserving run` hands settings to Granian's worker
+SOURCES_ENV = "AXS__SETTINGS_SOURCES"  # and where each came from (the start-up report)
 
 
 def _render(err: APIError, request: Request) -> Response:
@@ -85,9 +89,15 @@ def engine_processes(settings: Settings) -> ClientFactory:
     return make
 
 
-def create_app(settings: Settings, engines: ClientFactory | None = None, own_signals: bool = False) -> Starlette:
+def create_app(
+    settings: Settings,
+    engines: ClientFactory | None = None,
+    own_signals: bool = False,
+    sources: dict[str, str] | None = None,
+) -> Starlette:
     """``engines`` makes each model's engine client (default: engine processes). ``own_signals``
-    (in Granian's worker): SIGTERM/SIGINT start the bounded drain of :mod:`axserving.shutdown`."""
+    (in Granian's worker): SIGTERM/SIGINT start the bounded drain of :mod:`axserving.shutdown`.
+    ``sources``: where each setting came from (:func:`axserving.config.load_traced`)."""
     metrics = Metrics()
 
     def on_engine_event(model_id: str, engine_state: EngineState) -> None:
@@ -98,10 +108,11 @@ def create_app(settings: Settings, engines: ClientFactory | None = None, own_sig
     metrics.registry.register(ModelsCollector(manager))
     scheduler = Scheduler(settings.scheduler)
     metrics.registry.register(SchedulerCollector(scheduler))
-    state = AppState(settings=settings, models=manager, scheduler=scheduler, metrics=metrics)
+    state = AppState(settings=settings, models=manager, scheduler=scheduler, metrics=metrics, sources=sources or {})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        sampler: asyncio.Task[None] | None = None
         removed = sweep_orphans()
         if removed:
             log.warning("removed %d shared-memory names left by dead processes", len(removed))
@@ -109,10 +120,16 @@ def create_app(settings: Settings, engines: ClientFactory | None = None, own_sig
             await manager.start()
             if own_signals:
                 WorkerShutdown(state).install()
+            sampler = asyncio.create_task(
+                sample_forever(metrics.recent, lambda: (len(scheduler.waiting), scheduler.inflight)),
+                name="metrics-timeline",
+            )
             names = ", ".join(f"{m.id} ({m.spec.backend})" for m in manager)
             log.info("axserving front pid %d: serving %s", os.getpid(), names or "no model yet")
             yield
         finally:
+            if sampler is not None:
+                sampler.cancel()
             state.shutting_down = True
             await manager.close()
             log.info("all engines stopped")
@@ -121,10 +138,12 @@ def create_app(settings: Settings, engines: ClientFactory | None = None, own_sig
         client = scope.get("client") or ("", 0)
         state.audit.record("auth.failure", client[0], f"{scope['method']} {scope['path']}", f"{err.status}", err.message)
 
+    table = routes()
     app = Starlette(
-        routes=routes(),
+        routes=table,
         middleware=[
             Middleware(request_id_middleware),
+            Middleware(ResponseCounterMiddleware, counter=metrics.requests, routes=table),
             Middleware(ResponseHeadersMiddleware),
             Middleware(BearerAuthMiddleware, keys=settings.api_keys, on_failure=audit_auth_failure),
         ],
@@ -150,4 +169,5 @@ def create_app_from_env() -> Starlette:
     # Granian's main process gone (even SIGKILLed): this worker shuts down in order, its
     # engines with it, rather than serve the port as an orphan beside a new server.
     die_with_parent(signal.SIGTERM)
-    return create_app(settings, own_signals=True)
+    sources = json.loads(os.environ.get(SOURCES_ENV) or "{}")
+    return create_app(settings, own_signals=True, sources=sources)

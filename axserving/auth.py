@@ -17,7 +17,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from axserving.errors import APIError, AuthenticationFailed, error_body
 from axserving.middleware import scope_header
 
-OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/metrics", "/openapi.json"})
+OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/metrics", "/v1/metrics", "/openapi.json", "/dashboard"})
+# Open for GET only (POST /v1/license is an admin action).
+OPEN_GET_PATHS = frozenset({"/v1/license"})
 
 
 def key_matches(presented: bytes, keys: tuple[bytes, ...]) -> bool:
@@ -37,7 +39,11 @@ class BearerAuthMiddleware:
         self.on_failure = on_failure
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        path = scope["path"] if scope["type"] == "http" else ""
+        if (
+            scope["type"] != "http" or not self.keys or path in OPEN_PATHS
+            or (path in OPEN_GET_PATHS and scope["method"] in ("GET", "HEAD"))
+        ):
             await self.app(scope, receive, send)
             return
         header = scope_header(scope, b"authorization")

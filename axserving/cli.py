@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any
@@ -15,6 +16,7 @@ from axserving.config import (
     ConfigError,
     Settings,
     load_settings,
+    load_traced,
     parse_size,
     to_json,
 )
@@ -79,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Dotted key → the `run` flag that sets it (messages and the start-up report name the flag).
+FLAGS = {
+    "model.path": "--model",
+    "model.id": "--model-id",
+    "model_defaults.backend": "--backend",
+    "rest.host": "--host",
+    "rest.port": "--port",
+    "model_defaults.threads": "--threads",
+    "model_defaults.ctx_size": "--ctx-size",
+    "model_defaults.max_batch": "--max-batch",
+    "model_defaults.batch_size": "--batch-size",
+    "model_defaults.backend_options": "--backend-option",
+}
+
+
 def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {
         "model.path": args.model,
@@ -124,7 +141,7 @@ def check_models(settings: Settings) -> list[ModelSpec]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings(_cli_overrides(args), config_path=args.config)
+        settings, sources = load_traced(_cli_overrides(args), config_path=args.config, flags=FLAGS)
     except ConfigError as e:
         return _fail(str(e))
     if not settings.api_keys and not settings.auth.allow_no_auth:
@@ -145,10 +162,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from granian.log import LogLevels
     from granian.server import Server
 
-    from axserving.app import SETTINGS_ENV
+    from axserving.app import SETTINGS_ENV, SOURCES_ENV
     from axserving.shutdown import FORCE_SIGNAL
 
     os.environ[SETTINGS_ENV] = to_json(settings).decode()
+    os.environ[SOURCES_ENV] = json.dumps(sources)
 
     class _Server(Server):  # type: ignore[misc,valid-type]
         """A second interrupt forces the worker's exit instead of waiting for its drain."""

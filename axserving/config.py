@@ -267,9 +267,23 @@ def load_settings(
     cli: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     config_path: str | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Merge the layers and validate. ``cli`` maps dotted keys to values given on the command line."""
+    """Merge the layers and validate. ``cli`` maps dotted keys to values given on the command line
+    (``flags``: the flag each came from, for messages and the start-up report)."""
+    return load_traced(cli, env, config_path, flags)[0]
+
+
+def load_traced(
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+    flags: Mapping[str, str] | None = None,
+) -> tuple[Settings, dict[str, str]]:
+    """:func:`load_settings`, and where each key set came from: a flag (``--port``), an
+    environment variable (``$AXS_REST_PORT``) or a file's path. Keys not listed are defaults."""
     env = os.environ if env is None else env
+    flags = flags or {}
     tree: dict[str, Any] = {}
     source: dict[str, str] = {}
 
@@ -303,7 +317,7 @@ def load_settings(
     for key, given in (cli or {}).items():
         if given is not None:
             _set(tree, key, given)
-            source[key] = "command line"
+            source[key] = flags.get(key, "command line")
 
     _one_model_shorthand(tree, source)
     try:
@@ -311,7 +325,9 @@ def load_settings(
     except msgspec.ValidationError as e:
         raise ConfigError(_explain(e, tree, source)) from e
     check(settings, source)
-    return settings
+    if settings.api_keys:
+        source["api_keys"] = "$AXS_API_KEY"
+    return settings, source
 
 
 def _one_model_shorthand(tree: dict[str, Any], source: dict[str, str]) -> None:
@@ -407,6 +423,64 @@ def _explain(err: msgspec.ValidationError, tree: Mapping[str, Any], source: Mapp
         return f"invalid configuration: unknown key {full!r} (from {source.get(full, 'the config file')})"
     origin = source.get(key, "defaults")
     return f"invalid configuration: {key} = {value} (from {origin}): {what}"
+
+
+SECRET_KEYS = ("api_keys",)
+_SECRET_WORDS = re.compile(r"(key|token|secret|password)", re.IGNORECASE)
+
+
+def origin_kind(origin: str | None) -> str:
+    """``flag``, ``env``, ``file`` or ``default``, for a source as :func:`load_traced` names it."""
+    if not origin or origin == "defaults":
+        return "default"
+    if origin.startswith("$"):
+        return "env"
+    if origin.startswith("-") or origin == "command line":
+        return "flag"
+    return "file"
+
+
+def _source_of(key: str, sources: Mapping[str, str]) -> str | None:
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        found = sources.get(".".join(parts[:n]))
+        if found is not None:
+            return found
+    return None
+
+
+def _mask(key: str, value: Any) -> Any:
+    if key.split(".")[0] in SECRET_KEYS or _SECRET_WORDS.search(key.rsplit(".", 1)[-1]):
+        if isinstance(value, list | tuple):
+            return [f"***({len(v)} chars)" for v in value]
+        return "***" if value else value
+    return value
+
+
+def settings_report(settings: Settings, sources: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Every effective setting, one entry per leaf key (list items by index): its value (secrets
+    masked), and its source: ``flag``, ``env``, ``file`` or ``default`` with the flag, variable
+    or file it came from."""
+    rows: list[dict[str, Any]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value and not prefix.endswith("backend_options"):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+            return
+        if isinstance(value, list | tuple) and value and all(isinstance(v, dict) for v in value):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+            return
+        origin = _source_of(prefix, sources)
+        kind = origin_kind(origin)
+        if isinstance(value, tuple):
+            value = list(value)
+        rows.append({"key": prefix, "value": _mask(prefix, value), "source": kind,
+                     "origin": origin if kind != "default" else None})
+
+    walk("", msgspec.to_builtins(settings))
+    return rows
 
 
 def to_json(settings: Settings) -> bytes:

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from axserving.engine.stream import Chunk, RequestStream
 from axserving.errors import APIError, InvalidRequest
+from axserving.middleware import record_outcome
 from axserving.models.manager import Lease
 from axserving.protocol import RequestSampling
 from axserving.responses import Choice, Shape
@@ -72,51 +73,55 @@ class _Outcome:
     """What is recorded once per request, whatever path it ends on."""
 
     def __init__(self, state: AppState, job: Job, lease: Lease, arrived: float) -> None:
-        self.state, self.job, self.lease, self.arrived = state, job, lease, arrived
+        self.state, self.job, self.lease = state, job, lease
         self.status = 200
         self.finishes: list[str] = []
-        self.prompt_tokens = 0
-        self._completion: dict[int, int] = {}  # per choice
-        self.cached_tokens = 0
-        self.ttft: float | None = None
+        self.figures = state.metrics.for_request(lease.model_id, arrived)
         self.stream: RequestStream | None = None
+        self.delivered = False  # the whole answer went out (a stream's trailer may not have)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.figures.prompt_tokens
 
     @property
     def completion_tokens(self) -> int:
-        return sum(self._completion.values())
+        return self.figures.completion_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.figures.cached_tokens
+
+    def submitted(self, stream: RequestStream) -> None:
+        self.stream = stream
+        self.figures.submitted = stream.created
 
     def tokens(self, chunk: Chunk) -> None:
-        self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
-        self._completion[chunk.index] = chunk.completion_tokens
-        self.cached_tokens = chunk.cached_tokens or self.cached_tokens
+        f = self.figures
+        f.prompt_tokens = chunk.prompt_tokens or f.prompt_tokens
+        f.cached_tokens = chunk.cached_tokens or f.cached_tokens
+        f.output(chunk.index, chunk.completion_tokens, time.monotonic())
         if chunk.finish_reason:
             self.finishes.append(chunk.finish_reason)
         stream = self.stream
-        if self.ttft is None and stream is not None and stream.first_token_at is not None:
-            self.ttft = stream.first_token_at - self.arrived
+        if f.first_token_at is None and stream is not None:
+            f.first_token_at = stream.first_token_at
 
     def close(self) -> None:
-        state, model = self.state, self.lease.model_id
-        m = state.metrics
+        state, model, f = self.state, self.lease.model_id, self.figures
         if self.stream is not None:
             self.stream.cancel()  # frees the engine's slot if it is still generating
         self.lease.release()
         state.admitted -= 1
-        m.running.labels(model).dec()
-        m.requests.labels(model, self.job.endpoint, str(self.status)).inc()
-        m.e2e.labels(model).observe(time.monotonic() - self.arrived)
-        if self.ttft is not None:
-            m.ttft.labels(model).observe(self.ttft)
+        state.metrics.running.labels(model).dec()
+        record_outcome(model, self.status)
+        f.finish(self.status, self.finishes)
+        ttft = None if f.first_token_at is None else f.first_token_at - f.arrived
         log.info(
             "%s %s %d: prompt %d, completion %d, cached %d tokens, ttft %s ms, %d ms",
-            self.job.endpoint, model, self.status, self.prompt_tokens, self.completion_tokens, self.cached_tokens,
-            "-" if self.ttft is None else round(self.ttft * 1000), round((time.monotonic() - self.arrived) * 1000),
+            self.job.endpoint, model, self.status, f.prompt_tokens, f.completion_tokens, f.cached_tokens,
+            "-" if ttft is None else round(ttft * 1000), round((time.monotonic() - f.arrived) * 1000),
         )
-        m.prompt_tokens.labels(model).inc(self.prompt_tokens)
-        m.cached_prompt_tokens.labels(model).inc(self.cached_tokens)
-        m.generation_tokens.labels(model).inc(self.completion_tokens)
-        for finish in self.finishes:
-            m.finish.labels(model, finish).inc()
 
 
 @contextlib.asynccontextmanager
@@ -131,13 +136,14 @@ async def request_scope(state: AppState, job: Job) -> AsyncIterator[tuple[_Outco
     try:
         cap = state.scheduler.model_cap(lease.spec.engine.max_batch)
         async with state.scheduler.admit(lease.model_id, cap, job.priority, job.client) as ticket:
-            state.metrics.queue_wait.labels(lease.model_id).observe(ticket.queue_wait)
+            outcome.figures.admitted(ticket.queue_wait)
             yield outcome, ticket
     except APIError as e:
         outcome.status = e.status
         raise
     except (asyncio.CancelledError, ClientDisconnected):
-        outcome.status = CLIENT_CLOSED
+        if not outcome.delivered:
+            outcome.status = CLIENT_CLOSED
         raise
     except BaseException:
         outcome.status = 500
@@ -219,13 +225,14 @@ class InferenceResponse(Response):
             deadline = ticket.started + sched.request_timeout_secs
             ready_by = min(ticket.started + sched.max_wait_ms / 1000, deadline)
             request_id = correlation_id.get() or ""
-            stream = outcome.stream = await lease.client.submit(
+            stream = await lease.client.submit(
                 lambda rid: msgspec.structs.replace(job.build(rid, params), request_id=request_id), ready_by, deadline
             )
+            outcome.submitted(stream)
             # Wait for the first output before answering, so an engine-side rejection (a prompt
             # longer than the context, say) is an ordinary HTTP error for streaming requests too.
             first = await stream.next()
-            queue_wait_us = int((stream.created - outcome.arrived) * 1e6)
+            queue_wait_us = int((stream.created - outcome.figures.arrived) * 1e6)
             headers = {"X-Ax-Stage-Timing": f"queue_wait_us={queue_wait_us}"}
             if job.stream:
                 watch.stop()
@@ -259,6 +266,9 @@ async def _sse(
                 for event in shape.chunks(chunk):
                     yield event
                 chunk = await stream.next()
+            # The generation is complete: a client that leaves during the trailer (usage,
+            # [DONE]), as clients do once they have read [DONE], got its whole answer.
+            outcome.delivered = True
             for event in shape.final_events(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens):
                 yield event
         except APIError as e:
@@ -269,7 +279,7 @@ async def _sse(
                 yield event
     except BaseException:
         # Cancelled (the client left) or a bug: the request scope frees the engine's slot.
-        if outcome.status == 200:
+        if outcome.status == 200 and not outcome.delivered:
             outcome.status = CLIENT_CLOSED
         raise
     finally:

@@ -230,6 +230,16 @@ OPERATIONS = (
     Operation("get", "/v1/admin/status", "Private details: engines, scheduler, memory", errors=(401,)),
     Operation("get", "/v1/admin/audit", "The audit trail: model changes and refused callers (?limit=N)",
               errors=(400, 401)),
+    Operation("get", "/v1/admin/startup-report", "Effective settings and where each came from (secrets masked)",
+              errors=(401,)),
+    Operation("get", "/v1/admin/diagnostics", "Health, metrics, models, engines and the audit tail in one",
+              errors=(401,)),
+    Operation("get", "/v1/admin/policy", "Authentication, admission and lifecycle policies in force", errors=(401,)),
+    Operation("get", "/v1/metrics", "The metrics as JSON, with p50/p95/p99 over the last minutes (public)",
+              errors=(), public=True),
+    Operation("get", "/v1/license", "The edition (open source; public)", errors=(), public=True),
+    Operation("post", "/v1/license", "Activate a license key (this edition needs none: 400)", errors=(400, 401)),
+    Operation("get", "/dashboard", "The live dashboard, an HTML page (public)", errors=(), public=True),
     Operation("get", "/health", "Health (public)", errors=(), public=True),
     Operation("get", "/readyz", "Ready to serve (public)", errors=(503,), public=True),
     Operation("get", "/livez", "Alive (public)", errors=(), public=True),
@@ -255,6 +265,8 @@ def document() -> dict[str, Any]:
             ok["content"]["text/event-stream"] = {"schema": {}}  # events: chunks of the JSON above
         if op.path == "/metrics":
             ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        if op.path == "/dashboard":
+            ok["content"] = {"text/html": {"schema": {"type": "string"}}}
         spec: dict[str, Any] = {
             "summary": op.summary,
             "operationId": f"{op.method}_{op.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",

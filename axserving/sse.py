@@ -71,7 +71,8 @@ class EventStreamResponse(Response):
             except Exception:
                 log.exception("reading the client's disconnect failed; ending the stream")
             gone = True
-            me.cancel()
+            if not self._closed:  # after the last byte there is nothing left to stop
+                me.cancel()
 
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         self._last_send = loop.time()

@@ -24,6 +24,7 @@ class AppState:
     scheduler: Scheduler
     metrics: Metrics = field(default_factory=Metrics)
     audit: AuditLog = field(default_factory=AuditLog)
+    sources: dict[str, str] = field(default_factory=dict)  # where each setting came from
     started: float = field(default_factory=time.monotonic)
     admitted: int = 0  # requests between admission and their final byte
     shutting_down: bool = False

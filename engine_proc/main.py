@@ -15,6 +15,8 @@ import signal
 import sys
 import time
 
+import psutil
+
 from engine_proc import logs, utility
 from engine_proc.backends import make_backend
 from engine_proc.backends.base import Backend, RequestRejected
@@ -42,6 +44,7 @@ class EngineLoop:
         self.steps = 0
         self.tokens = 0
         self._next_stats = 0.0
+        self._process = psutil.Process()
         self._max_step = 0.0  # slowest step since the last Stats (0 with native beats)
         self.native_beats = False  # the backend beats inside its steps
 
@@ -112,7 +115,7 @@ class EngineLoop:
         running, waiting = self.backend.occupancy()
         stats = records.Stats(
             running, waiting, self.steps, self.tokens, self.merged_steps, self.backend.preemptions,
-            self._max_step, self.backend.prefill_tokens,
+            self._max_step, self.backend.prefill_tokens, self.backend.kv_usage(), self._process.memory_info().rss,
         )
         if self.channel.try_send(records.encode(stats)):
             self._max_step = 0.0

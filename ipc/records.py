@@ -241,6 +241,8 @@ class Stats(msgspec.Struct, tag=14, **_STRUCT):
     preemptions: int = 0  # sequences preempted (KV cache full) and recomputed later
     max_step_s: float = 0.0  # the slowest step since the last Stats
     prefill_tokens: int = 0  # prompt tokens computed since start (reused ones are not)
+    kv_usage: float = 0.0  # fraction of the KV cells held by running sequences (0..1)
+    rss_bytes: int = 0  # the engine process's resident memory
 
 
 ToEngine = Union[Submit, Abort, Shutdown, Blob]

@@ -113,6 +113,8 @@ class InprocEngineClient(EngineClient):
             "state": self.state.value, "pid": None, "restarts": 0, "backend": "inproc",
             "last_error": self.last_error, "inflight": self.inflight, "max_batch": self.config.max_batch,
             "kv_unified": self.config.kv_unified, "running": self.inflight, "waiting": 0,
+            "kv_usage": self._backend.kv_usage(), "preemptions_total": self._backend.preemptions,
+            "prefill_tokens_total": self._backend.prefill_tokens, "rss_bytes": 0,  # it runs in the front
         }
 
     async def stop(self, timeout: float = 10.0) -> None:

@@ -51,6 +51,10 @@ class EngineSupervisor(EngineClient):
         self.log_format = log_format
         self.state = EngineState.loading
         self.restarts = 0
+        # What engines that are gone had counted (their last stats): the front's counters
+        # stay monotonic across restarts.
+        self._past_preemptions = 0
+        self._past_prefill_tokens = 0
         self.last_error: str | None = None
         self.info: records.Ready | None = None
         self.conn: EngineConnection | None = None
@@ -159,6 +163,10 @@ class EngineSupervisor(EngineClient):
             "merged_steps": stats.merged_steps if stats else 0,
             "preemptions": stats.preemptions if stats else 0,
             "prefill_tokens": stats.prefill_tokens if stats else 0,
+            "preemptions_total": self._past_preemptions + (stats.preemptions if stats else 0),
+            "prefill_tokens_total": self._past_prefill_tokens + (stats.prefill_tokens if stats else 0),
+            "kv_usage": round(stats.kv_usage, 4) if stats else 0.0,
+            "rss_bytes": stats.rss_bytes if stats else 0,
             "safety_drains": conn.safety_drains if conn is not None else 0,
             "heartbeat_age_secs": round(conn.heartbeat_age(), 3) if conn is not None else None,
             "heartbeat_limit_secs": round(conn.heartbeat_limit(), 3) if conn is not None else None,
@@ -234,6 +242,9 @@ class EngineSupervisor(EngineClient):
                 self._set_state(EngineState.ready)
                 self._first_outcome(None)
             code = await conn.died
+            if conn.stats is not None:
+                self._past_preemptions += conn.stats.preemptions
+                self._past_prefill_tokens += conn.stats.prefill_tokens
             was_ready = self.state is EngineState.ready
             if not was_ready:
                 self._first_outcome(EngineUnavailable(self.last_error or f"engine exited with code {code}"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from starlette.routing import Route
 
 from axserving.routes import (
+    dashboard,
     embeddings,
     inference,
     messages,
@@ -24,6 +25,13 @@ def routes() -> list[Route]:
         Route("/metrics", ops.metrics, methods=["GET"]),
         Route("/v1/admin/status", ops.admin_status, methods=["GET"]),
         Route("/v1/admin/audit", ops.admin_audit, methods=["GET"]),
+        Route("/v1/admin/startup-report", ops.admin_startup_report, methods=["GET"]),
+        Route("/v1/admin/diagnostics", ops.admin_diagnostics, methods=["GET"]),
+        Route("/v1/admin/policy", ops.admin_policy, methods=["GET"]),
+        Route("/v1/metrics", ops.metrics_json, methods=["GET"]),
+        Route("/v1/license", ops.license_info, methods=["GET"]),
+        Route("/v1/license", ops.license_activate, methods=["POST"]),
+        Route("/dashboard", dashboard.page, methods=["GET"]),
     ]
     for prefix in ("/v1", ""):
         out += [

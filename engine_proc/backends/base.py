@@ -102,5 +102,10 @@ class Backend(abc.ABC):
         """(running, waiting) sequences, for the engine's stats."""
         return (1 if self.has_work() else 0), 0
 
+    def kv_usage(self) -> float:
+        """The fraction (0..1) of the KV cache held by running sequences (cached prefixes that
+        a new request may take over are free), for the engine's stats."""
+        return 0.0
+
     def close(self) -> None:
         """Release the model. Called once, before the engine process exits."""

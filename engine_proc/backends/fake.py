@@ -224,3 +224,7 @@ class FakeBackend(Backend):
 
     def occupancy(self) -> tuple[int, int]:
         return len(self._seqs), len(self._waiting)
+
+    def kv_usage(self) -> float:
+        held = sum((len(s.words) + s.produced) * len(s.outs) for s in self._seqs.values())
+        return min(1.0, held / (self.config.n_ctx * max(1, self.config.max_batch)))

@@ -298,6 +298,12 @@ class LlamaCppBackend(Backend):
         parked = sum(len(s.followers) for s in self._running)
         return len(self._running) + parked, sum(1 + len(s.followers) for s in self._waiting)
 
+    def kv_usage(self) -> float:
+        if self._ctx is None:
+            return 0.0
+        held = sum(s.n_past * (1 + len(s.followers)) for s in self._running)
+        return min(1.0, held / max(1, llama_cpp.llama_n_ctx(self._ctx)))
+
     # ---- scheduling --------------------------------------------------------------------------
 
     def _admit(self) -> None:

@@ -157,10 +157,10 @@ def test_health_and_probes(client: TestClient) -> None:
 def test_metrics_open_and_counting(client: TestClient) -> None:
     client.post("/v1/chat/completions", json={"model": "default", "messages": [{"role": "user", "content": "m"}]})
     text = client.get("/metrics", headers={"Authorization": ""}).text
-    assert 'axs_requests_total{endpoint="chat",model="default",status="200"}' in text
+    assert 'axs_requests_total{endpoint="/v1/chat/completions",model="default",status="200"}' in text
     assert "axs_time_to_first_token_seconds_bucket" in text
     assert 'axs_engine_up{model="default"} 1.0' in text
-    assert 'axs_engine_preemptions{model="default"} 0.0' in text
+    assert 'axs_num_preemptions_total{model="default"} 0.0' in text
 
 
 # ---- bad input --------------------------------------------------------------------------------
