@@ -1,5 +1,6 @@
-"""The ``axserving`` command: ``run`` the server, ``models pull`` the packaged default model,
-``bench serve`` load on a server."""
+"""The ``axserving`` command: ``run`` the server, ``generate`` once without one, ``status`` and
+``top`` a running server, ``models pull`` the packaged default model, ``bench serve`` load on a
+server."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import os
 import sys
 from typing import Any
 
+import msgspec
+
 from axserving import __version__, model_store
 from axserving.bench import options as bench_options
 from axserving.config import (
     AUTO_BACKEND,
     ConfigError,
+    LogLevel,
     Settings,
     load_settings,
     load_traced,
@@ -71,6 +75,30 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("pull", "fetch (if needed) and verify the packaged default model; print its path"),
                        ("path", "same as pull: print the verified default model's path")):
         msub.add_parser(name, help=text).add_argument("--config", help="YAML settings file")
+
+    for name, text in (("status", "a running server's models, load and latency, once"),
+                       ("top", "a running server's figures, redrawn every second (q or Ctrl-C to quit)")):
+        watch = sub.add_parser(name, help=text)
+        watch.add_argument("--url", help="the server (default: http://HOST:PORT from the settings)")
+        watch.add_argument("--config", help="YAML settings file (for the default URL)")
+        if name == "top":
+            watch.add_argument("--interval", type=float, default=1.0, help="seconds between redraws (default: 1)")
+            watch.add_argument("--count", type=int, default=0, help="redraw this many times, then exit (0: until quit)")
+
+    gen = sub.add_parser(
+        "generate", help="one generation from the command line through an engine process (no server)",
+    )
+    gen.add_argument("-m", "--model", help="model file (default: the packaged SmolLM2-135M-Instruct)")
+    gen.add_argument("-p", "--prompt", required=True, help="the user message (or, with --raw, the prompt text)")
+    gen.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    gen.add_argument("--raw", action="store_true", help="complete the prompt as text, without the chat template")
+    gen.add_argument("--temperature", type=float, help="sampling temperature (default: the model's, else 1)")
+    gen.add_argument("--seed", type=int, help="sampling seed")
+    gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    gen.add_argument("--backend", choices=[AUTO_BACKEND, *BACKENDS], help="engine backend (default: auto)")
+    gen.add_argument("--threads", type=int, help="engine CPU threads (default: all cores)")
+    gen.add_argument("--ctx-size", type=int, help="context length in tokens (default: 4096)")
+    gen.add_argument("--config", help="YAML settings file")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
@@ -215,6 +243,72 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return str(args.url)
+    settings = load_settings(config_path=args.config)
+    host = settings.rest.host if settings.rest.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return f"http://{host}:{settings.rest.port}"
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from axserving import console
+
+    try:
+        url = _server_url(args)
+        if args.command == "status":
+            console.status(url)
+        else:
+            console.top(url, interval=max(0.2, args.interval), count=max(0, args.count))
+    except ConfigError as e:
+        return _fail(str(e))
+    except console.Unreachable as e:
+        print(f"axserving: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from axserving import single
+    from axserving.config import ModelConfig
+
+    overrides = {
+        "model_defaults.backend": args.backend,
+        "model_defaults.threads": args.threads,
+        "model_defaults.ctx_size": args.ctx_size,
+        "model_defaults.max_batch": 1,
+    }
+    try:
+        settings = load_settings(overrides, config_path=args.config, flags=FLAGS)
+        if "AXS_LOG" not in os.environ:  # the text is the output: only warnings beside it
+            settings = msgspec.structs.replace(
+                settings, logging=msgspec.structs.replace(settings.logging, level=LogLevel.warning))
+        entry = ModelConfig(id="generate", path=args.model)
+        spec = resolve(entry, settings.model_defaults, settings.model_store.cache_dir)
+    except ConfigError as e:
+        return _fail(str(e))
+    except APIError as e:
+        return _fail(f"--model: {e.message}")
+    except model_store.ModelFetchError as e:
+        return _fail(str(e))
+    if args.max_tokens < 1 or args.max_tokens >= spec.engine.n_ctx:
+        return _fail(f"-n/--max-tokens must be from 1 to {spec.engine.n_ctx - 1}, got {args.max_tokens}")
+    setup_logging(settings.logging)
+    sampling = single.sampling_of(args.max_tokens, args.temperature, args.seed, args.stop)
+    try:
+        timings = single.run(settings, spec, args.prompt, sampling, args.raw)
+    except APIError as e:
+        print(f"\naxserving: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(file=sys.stdout)
+    print(timings.describe(), file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     # Imported here: the HTTP client and the bench are not needed to serve.
     from axserving.bench.serving import main_with_args
@@ -228,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "bench":
         return cmd_bench(args)
+    if args.command in ("status", "top"):
+        return cmd_watch(args)
+    if args.command == "generate":
+        return cmd_generate(args)
     return cmd_models(args)
 
 

@@ -11,26 +11,19 @@ from pathlib import Path
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from axserving.app import create_app
 from axserving.config import ModelConfig, Settings, load_traced, origin_kind, settings_report
 from tests.fast.test_api import KEY, make_settings, ready_wait
-
-Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
+from tests.prom import Series, delta, parse, served
 
 
 def scrape(c: TestClient) -> Series:
-    text = c.get("/metrics", headers={"Authorization": ""}).text
-    out: Series = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
+    return parse(c.get("/metrics", headers={"Authorization": ""}).text)
 
 
-def settled(c: TestClient, before: Series, served: int) -> Series:
+def settled(c: TestClient, before: Series, count: int) -> Series:
     """A scrape once ``served`` more model responses have been counted: a streamed response is
     counted when its handler returns, a moment after the client has read ``[DONE]``."""
     import time
@@ -38,16 +31,9 @@ def settled(c: TestClient, before: Series, served: int) -> Series:
     end = time.monotonic() + 5
     while True:
         after = scrape(c)
-        moved = sum(v - before.get(k, 0.0) for k, v in after.items()
-                    if k[0] == "axs_requests_total" and ("model", "default") in k[1])
-        if moved >= served or time.monotonic() > end:
+        if served(before, after, "default") >= count or time.monotonic() > end:
             return after
         time.sleep(0.02)
-
-
-def delta(before: Series, after: Series, name: str, **labels: str) -> float:
-    key = (name, frozenset(labels.items()))
-    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 @pytest.fixture(scope="module")
