@@ -10,7 +10,7 @@ With ``--rev REV`` the same is measured for another git revision (a temporary wo
 side by side), alternating round by round, and the ratio is printed; without it the reference
 is the step interval: the share of one core the front takes per token.
 
-    .venv/bin/python perf/front_cost.py [--rev HEAD~1] [--tokens 300] [--step-ms 16] [--rounds 3]
+    .venv/bin/python perf/front_cost.py [--rev BASE [--rev HEAD]] [--tokens 300] [--step-ms 16] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -79,21 +79,25 @@ def main() -> None:
     # `timeout` sends SIGTERM: exit through the context managers, so the servers they started stop.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rev", help="another git revision to measure in the same run")
+    ap.add_argument("--rev", action="append", default=[],
+                    help="another git revision to measure in the same run (repeatable: with two, their ratio "
+                         "is printed as well, free of any bias of the checkout's own server)")
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--step-ms", type=float, default=16.0)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     with ExitStack() as stack:
         servers = {"this": serve(stack, REPO, args.step_ms)}
-        if args.rev:
-            servers[args.rev] = serve(stack, stack.enter_context(worktree(args.rev)), args.step_ms)
+        for rev in args.rev:
+            servers[rev] = serve(stack, stack.enter_context(worktree(rev)), args.step_ms)
         for server in servers.values():
             measure(server, 20)  # warm-up
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
+        order = list(servers.items())
         for _ in range(args.rounds):
-            for name, server in servers.items():
+            for name, server in order:  # ABBA: neither server always goes first
                 results[name].append(measure(server, args.tokens))
+            order.reverse()
     print(f"fake backend, one stream of {args.tokens} tokens at {args.step_ms:g} ms per step, "
           f"{args.rounds} rounds (medians; /proc CPU has 10 ms ticks, so use enough tokens)")
     print(f"{'server':<14}{'front us/token':>16}{'engine us/token':>17}{'front share of a core':>23}")
@@ -103,8 +107,11 @@ def main() -> None:
         engine = statistics.median(e for _, e in rows)
         med[name] = front
         print(f"{name:<14}{front * 1e6:>16.0f}{engine * 1e6:>17.0f}{front / (args.step_ms / 1000):>23.3f}")
-    if args.rev:
-        print(f"front CPU per token, this / {args.rev}: x{med['this'] / med[args.rev]:.3f}")
+    for rev in args.rev:
+        print(f"front CPU per token, this / {rev}: x{med['this'] / med[rev]:.3f}")
+    if len(args.rev) == 2:
+        a, b = args.rev
+        print(f"front CPU per token, {b} / {a}: x{med[b] / med[a]:.3f}")
 
 
 if __name__ == "__main__":
