@@ -82,12 +82,13 @@ def main() -> None:
     ap.add_argument("--rev", action="append", default=[],
                     help="another git revision to measure in the same run (repeatable: with two, their ratio "
                          "is printed as well, free of any bias of the checkout's own server)")
+    ap.add_argument("--revs-only", action="store_true", help="measure the --rev revisions only, not this checkout")
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--step-ms", type=float, default=16.0)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     with ExitStack() as stack:
-        servers = {"this": serve(stack, REPO, args.step_ms)}
+        servers = {} if args.revs_only and args.rev else {"this": serve(stack, REPO, args.step_ms)}
         for rev in args.rev:
             servers[rev] = serve(stack, stack.enter_context(worktree(rev)), args.step_ms)
         for server in servers.values():
@@ -107,7 +108,7 @@ def main() -> None:
         engine = statistics.median(e for _, e in rows)
         med[name] = front
         print(f"{name:<14}{front * 1e6:>16.0f}{engine * 1e6:>17.0f}{front / (args.step_ms / 1000):>23.3f}")
-    for rev in args.rev:
+    for rev in args.rev if "this" in med else ():
         print(f"front CPU per token, this / {rev}: x{med['this'] / med[rev]:.3f}")
     if len(args.rev) == 2:
         a, b = args.rev

@@ -86,6 +86,8 @@ def test_stats_carry_the_backends_preemptions(loop: tuple[FrontEnd, EngineLoop])
     engine.run_once()
     stats = [rec for rec in front.drain() if isinstance(rec, records.Stats)]
     assert stats and stats[-1].preemptions == 3
+    assert stats[-1].rss_bytes > 1 << 20  # the engine's own resident memory
+    assert stats[-1].kv_usage == engine.backend.kv_usage() == 0.0  # nothing running
 
 
 def test_a_request_the_backend_drops_is_always_reported(loop: tuple[FrontEnd, EngineLoop]) -> None:

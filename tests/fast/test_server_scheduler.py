@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.prom import parse
 from tests.server import Server, run_server
 
 WORDS = " ".join(f"w{i}" for i in range(100))
@@ -83,6 +84,13 @@ def test_overload_policies_exact_counts(tmp_path: Path, policy: str, expected: d
                 assert r.json()["error"]["code"] in (None, "shed")
         assert counts == expected
         assert all(r.json()["usage"]["completion_tokens"] == 100 for r in results if r.status_code == 200)
+        # Each refusal is counted once as a response and once by its reason.
+        scrape = parse(httpx.get(server.url + "/metrics").text)
+        for status, n in expected.items():
+            labels = {"model": "default", "endpoint": "/v1/chat/completions", "status": str(status)}
+            assert scrape[("axs_requests_total", frozenset(labels.items()))] == n, status
+        reason = {"queue": "queue_full", "reject": "queue_full", "shed_oldest": "shed"}[policy]
+        assert scrape[("axs_request_rejections_total", frozenset({("reason", reason)}))] == 8 - expected[200]
 
 
 def test_a_wait_that_runs_out_is_a_503_with_retry_after(tmp_path: Path) -> None:
