@@ -10,6 +10,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -31,7 +32,7 @@ from axserving.errors import (
 from axserving.generation import CLIENT_CLOSED
 from axserving.logs import setup_logging
 from axserving.metrics import Metrics, ModelsCollector, SchedulerCollector
-from axserving.middleware import ResponseCounterMiddleware, ResponseHeadersMiddleware, request_id_middleware
+from axserving.middleware import ResponseMiddleware, request_id_middleware
 from axserving.models.manager import ClientFactory, ModelManager
 from axserving.models.spec import ModelSpec
 from axserving.recent import sample_forever
@@ -94,11 +95,13 @@ def create_app(
     engines: ClientFactory | None = None,
     own_signals: bool = False,
     sources: dict[str, str] | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> Starlette:
     """``engines`` makes each model's engine client (default: engine processes). ``own_signals``
     (in Granian's worker): SIGTERM/SIGINT start the bounded drain of :mod:`axserving.shutdown`.
-    ``sources``: where each setting came from (:func:`axserving.config.load_traced`)."""
-    metrics = Metrics()
+    ``sources``: where each setting came from (:func:`axserving.config.load_traced`).
+    ``registry``: the Prometheus registry the app's metrics go to (default: its own)."""
+    metrics = Metrics(registry)
 
     def on_engine_event(model_id: str, engine_state: EngineState) -> None:
         if engine_state is EngineState.restarting:
@@ -143,8 +146,7 @@ def create_app(
         routes=table,
         middleware=[
             Middleware(request_id_middleware),
-            Middleware(ResponseCounterMiddleware, counter=metrics.requests, routes=table),
-            Middleware(ResponseHeadersMiddleware),
+            Middleware(ResponseMiddleware, counter=metrics.requests, routes=table),
             Middleware(BearerAuthMiddleware, keys=settings.api_keys, on_failure=audit_auth_failure),
         ],
         exception_handlers={

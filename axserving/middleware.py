@@ -40,23 +40,6 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
     )
 
 
-class ResponseHeadersMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *_STATIC]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
 class ResponseRecord:
     """What the counter says of a response, filled in by the inference path: the model that
     served it, and its outcome when that differs from the status line (a stream cut short, a
@@ -78,10 +61,12 @@ def record_outcome(model: str, status: int) -> None:
         record.model, record.status = model, status
 
 
-class ResponseCounterMiddleware:
-    """Counts every HTTP response, once, whatever produced it (a route, the auth middleware, the
-    error handlers, an unhandled error). ``endpoint`` is the route's path template, so no label
-    value comes from a request's path; paths of no route are ``unmatched``."""
+class ResponseMiddleware:
+    """What every HTTP response gets, in one layer (a stream's every send passes through it):
+    the security headers, and its count in ``axs_requests_total``, once, whatever produced it
+    (a route, the auth middleware, the error handlers, an unhandled error). ``endpoint`` is the
+    route's path template, so no label value comes from a request's path; paths of no route are
+    ``unmatched``."""
 
     def __init__(self, app: ASGIApp, counter: Counter, routes: list[BaseRoute]) -> None:
         self.app = app
@@ -111,13 +96,14 @@ class ResponseCounterMiddleware:
         token = _record.set(record)
         sent: list[int] = []
 
-        async def counted_send(message: Message) -> None:
+        async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 sent.append(message["status"])
+                message["headers"] = [*message.get("headers", []), *_STATIC]
             await send(message)
 
         try:
-            await self.app(scope, receive, counted_send)
+            await self.app(scope, receive, send_with_headers)
         except BaseException:
             if not sent:
                 sent.append(500)

@@ -101,7 +101,8 @@ def metrics_body(state: AppState) -> dict[str, Any]:
     sched = state.scheduler
     models = []
     for m in state.models:
-        e = EngineFigures.of(m.engine.client.snapshot())
+        snap = m.engine.client.snapshot()
+        e = EngineFigures.of(snap)
         models.append({
             "id": m.id,
             "state": m.state.value,
@@ -111,7 +112,7 @@ def metrics_body(state: AppState) -> dict[str, Any]:
             "max_batch": e.max_batch,
             "batch_occupancy": round(e.batch_occupancy, 4),
             "kv_cache_usage": round(e.kv_usage, 4),
-            "restarts": m.engine.client.snapshot().get("restarts", 0),
+            "restarts": snap.get("restarts", 0),
             "preemptions": e.preemptions,
             "rss_bytes": e.rss_bytes,
             "memory_bytes": m.spec.memory_bytes,
@@ -148,10 +149,6 @@ def metrics_body(state: AppState) -> dict[str, Any]:
 
 async def metrics_json(request: Request) -> Response:
     return json_response(metrics_body(app_state(request)))
-
-
-def _masked_keys(keys: tuple[str, ...]) -> list[str]:
-    return [f"***({len(k)} chars)" for k in keys]
 
 
 async def admin_startup_report(request: Request) -> Response:
