@@ -16,24 +16,11 @@ from starlette.testclient import TestClient
 from axserving.app import create_app
 from axserving.config import ModelConfig, Settings, load_traced, origin_kind, settings_report
 from tests.fast.test_api import KEY, make_settings, ready_wait
-from tests.prom import Series, delta, parse, served
+from tests.prom import Series, delta, parse, settled
 
 
 def scrape(c: TestClient) -> Series:
     return parse(c.get("/metrics", headers={"Authorization": ""}).text)
-
-
-def settled(c: TestClient, before: Series, count: int) -> Series:
-    """A scrape once ``served`` more model responses have been counted: a streamed response is
-    counted when its handler returns, a moment after the client has read ``[DONE]``."""
-    import time
-
-    end = time.monotonic() + 5
-    while True:
-        after = scrape(c)
-        if served(before, after, "default") >= count or time.monotonic() > end:
-            return after
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +56,7 @@ def test_histograms_and_token_counters_move_by_exactly_the_requests(client: Test
     c = oai.completions.create(model="default", prompt="x y", max_tokens=2)  # finish: length
     assert c.usage is not None
     usages.append(c.usage)
-    after = settled(client, before, 4)
+    after = settled(lambda: scrape(client), before, 4)
 
     n = len(usages)
     for name in ("axs_time_to_first_token_seconds", "axs_e2e_request_latency_seconds",
@@ -140,7 +127,7 @@ def test_no_label_value_comes_from_a_request(client: TestClient) -> None:
 
 def test_v1_metrics_json_has_percentiles_models_and_timeline(client: TestClient, oai: openai.OpenAI) -> None:
     oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "p q r"}])
-    settled(client, {}, 1)
+    settled(lambda: scrape(client), {}, 1)
     body = client.get("/v1/metrics", headers={"Authorization": ""}).json()  # open, like /metrics
     assert body["object"] == "metrics"
     for key in ("ttft_us", "e2e_us", "queue_wait_us", "tpot_us", "itl_us"):

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.prom import Series, delta, parse, served
+from tests.prom import Series, delta, parse, settled
 from tests.server import Server, openai_client, run_smollm
 
 pytestmark = pytest.mark.slow
@@ -30,15 +30,6 @@ def scrape(s: Server) -> Series:
     return parse(httpx.get(s.url + "/metrics", timeout=10).text)
 
 
-def settled(s: Server, before: Series, count: int) -> Series:
-    end = time.monotonic() + 10
-    while True:
-        after = scrape(s)
-        if served(before, after, "default") >= count or time.monotonic() > end:
-            return after
-        time.sleep(0.05)
-
-
 def test_counters_and_histograms_move_by_exactly_the_requests(server: Server) -> None:
     oai = openai_client(server)
     before = scrape(server)
@@ -53,7 +44,7 @@ def test_counters_and_histograms_move_by_exactly_the_requests(server: Server) ->
                                               messages=[{"role": "user", "content": "Name a colour."}]))
     assert stream[-1].usage is not None
     usages.append(stream[-1].usage)
-    after = settled(server, before, 4)
+    after = settled(lambda: scrape(server), before, 4)
     n = len(usages)
     for name in ("axs_time_to_first_token_seconds", "axs_e2e_request_latency_seconds",
                  "axs_request_queue_time_seconds", "axs_request_prefill_time_seconds",
