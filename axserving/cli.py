@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         msub.add_parser(name, help=text).add_argument("--config", help="YAML settings file")
 
     for name, text in (("status", "a running server's models, load and latency, once"),
-                       ("top", "a running server's figures, redrawn every second (q or Ctrl-C to quit)")):
+                       ("top", "a running server's figures, redrawn every second (Ctrl-C to quit)")):
         watch = sub.add_parser(name, help=text)
         watch.add_argument("--url", help="the server (default: http://HOST:PORT from the settings)")
         watch.add_argument("--config", help="YAML settings file (for the default URL)")
