@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("pull", "fetch (if needed) and verify the packaged default model; print its path"),
                        ("path", "same as pull: print the verified default model's path")):
         msub.add_parser(name, help=text).add_argument("--config", help="YAML settings file")
+    conv = msub.add_parser("convert", help="a Q4_0/Q4_1/Q8_0/F16 GGUF into an MLX model directory (needs the mlx extra)")
+    conv.add_argument("gguf", nargs="?", help="the GGUF file (default: the packaged model)")
+    conv.add_argument("-o", "--output", required=True, help="the directory to write")
+    conv.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    conv.add_argument("--config", help="YAML settings file (for the model cache)")
 
     for name, text in (("status", "a running server's models, load and latency, once"),
                        ("top", "a running server's figures, redrawn every second (Ctrl-C to quit)")):
@@ -235,11 +241,37 @@ def cmd_models(args: argparse.Namespace) -> int:
         return _fail(str(e))
     setup_logging(settings.logging)
     directory = model_store.cache_dir(settings.model_store.cache_dir)
+    if args.models_command == "convert" and args.gguf:
+        return cmd_convert(args, Path(args.gguf))
     try:
         path = model_store.ensure(model_store.DEFAULT_MODEL, directory)
     except model_store.ModelFetchError as e:
         return _fail(str(e))
+    if args.models_command == "convert":
+        return cmd_convert(args, path)
     print(path)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace, source: Path) -> int:
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+    from axserving.models.convert import ConvertError, convert
+
+    with Progress(TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), transient=False) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        try:
+            out = convert(source, Path(args.output), progress, force=args.force)
+        except ConvertError as e:
+            return _fail(str(e))
+    print(out)
     return 0
 
 
