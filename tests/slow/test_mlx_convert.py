@@ -126,3 +126,28 @@ def test_what_cannot_be_converted_is_a_clear_error(converted: Path, gemma_model:
     assert kquant.returncode == 2 and "K-quants do not" in kquant.stderr and "Traceback" not in kquant.stderr
     missing = axserving("models", "convert", str(tmp_path / "none.gguf"), "-o", str(tmp_path / "n"))
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # llama_cpp's own, once per token scanned
+def test_the_directorys_tokenizer_seam_matches_llama_cpps(converted: Path, vocab: Any) -> None:
+    """The MLX backend's vocabulary (engine_proc.backends.hf_vocab, the tokenizers library
+    alone) against llama.cpp's on the same model, through the shared Tokenizer seam."""
+    from engine_proc.backends.hf_vocab import HFTokenizer
+    from engine_proc.backends.llama_vocab import LlamaTokenizer
+    from ipc.records import ChatMessage, Generation, Tool
+
+    ours, theirs = HFTokenizer(converted), LlamaTokenizer(vocab)
+    assert (ours.n_vocab, ours.bos, ours.add_bos) == (theirs.n_vocab, theirs.bos, theirs.add_bos)
+    for text in TEXTS:
+        for special in (True, False):
+            assert ours.encode(text, special) == theirs.encode(text, special), (text, special)
+    assert [ours.piece(t) for t in range(ours.n_vocab)] == [theirs.piece(t) for t in range(theirs.n_vocab)]
+    assert {t for t in range(ours.n_vocab) if ours.is_eog(t)} == {t for t in range(theirs.n_vocab) if theirs.is_eog(t)}
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="<|im_start|>hi")]
+    tools = (Tool(name="get_time", description="The time", parameters='{"type":"object","properties":{}}'),)
+    for gen in (Generation(), Generation(tools=tools)):
+        assert ours.chat_text(messages, gen) == theirs.chat_text(messages, gen)
+        assert ours.chat_tokens(messages, gen) == theirs.chat_tokens(messages, gen)
+    assert ours.tool_format == theirs.tool_format and ours.markers == theirs.markers
+    text = "The quick brown fox {\"a\": [1, 2]}"
+    assert ours.guidance().tokenize_str(text) == theirs.guidance().tokenize_str(text)
