@@ -313,7 +313,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "model_defaults.max_batch": 1,
     }
     try:
-        settings = load_settings(overrides, config_path=args.config, flags=FLAGS)
+        flags = {k: v for k, v in FLAGS.items() if k in overrides and k != "model_defaults.max_batch"}
+        settings = load_settings(overrides, config_path=args.config, flags=flags)
         if "AXS_LOG" not in os.environ:  # the text is the output: only warnings beside it
             settings = msgspec.structs.replace(
                 settings, logging=msgspec.structs.replace(settings.logging, level=LogLevel.warning))
