@@ -355,16 +355,12 @@ def _one_model_shorthand(tree: dict[str, Any], source: dict[str, str]) -> None:
 
 def parse_size(value: int | str, key: str) -> int:
     """Bytes from an int or a string such as ``8GiB``, ``512 MB`` or ``1.5G``."""
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"invalid configuration: {key} = {value}: must not be negative")
-        return value
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(i?)B?\s*", value, re.IGNORECASE)
-    if not m:
-        raise ConfigError(f"invalid configuration: {key} = {value!r}: expected bytes, or a size such as '8GiB'")
-    number, unit, binary = m.groups()
-    base = 1024 if binary or not unit else 1000
-    return int(float(number) * base ** "_KMGTP".index(unit.upper() or "_"))
+    from engine_proc.spec import size_bytes
+
+    try:
+        return size_bytes(value)
+    except ValueError as e:
+        raise ConfigError(f"invalid configuration: {key} = {value!r}: {e}") from None
 
 
 def check(settings: Settings, source: Mapping[str, str] | None = None) -> None:

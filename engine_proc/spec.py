@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import enum
 import importlib
+import importlib.util
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +35,15 @@ class BackendInfo:
     target: str  # "module:Class", imported in the engine process only
     format: ModelFormat
     summary: str
+    requires: tuple[str, ...] = ()  # modules the engine imports (an optional extra's)
+    extra: str = ""  # the pip extra that installs them
+
+    def missing(self) -> str | None:
+        """Why this backend cannot run in this installation, or None."""
+        absent = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if not absent:
+            return None
+        return f"backend {self.name!r} needs {', '.join(absent)}: pip install 'axserving[{self.extra}]'"
 
 
 BACKENDS: dict[str, BackendInfo] = {
@@ -42,9 +53,28 @@ BACKENDS: dict[str, BackendInfo] = {
             "llama_cpp", "engine_proc.backends.llama_cpp:LlamaCppBackend", ModelFormat.gguf,
             "llama.cpp through llama-cpp-python",
         ),
+        BackendInfo(
+            "mlx", "engine_proc.backends.mlx_lm:MlxBackend", ModelFormat.mlx,
+            "MLX through mlx-lm (Metal on Apple Silicon; a slow reference CPU path on Linux)",
+            requires=("mlx", "mlx_lm"), extra="mlx",
+        ),
         BackendInfo("fake", "engine_proc.backends.fake:FakeBackend", ModelFormat.any, "echo test double"),
     )
 }
+
+
+def size_bytes(value: int | str) -> int:
+    """Bytes from an int or a string such as ``8GiB``, ``512 MB`` or ``1.5G`` (ValueError)."""
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(i?)B?\s*", value, re.IGNORECASE)
+    if not m:
+        raise ValueError("expected bytes, or a size such as '8GiB'")
+    number, unit, binary = m.groups()
+    base = 1024 if binary or not unit else 1000
+    return int(float(number) * base ** "_KMGTP".index(unit.upper() or "_"))
 
 
 def backend_class(name: str) -> type[Backend]:

@@ -130,5 +130,9 @@ class Tokenizer(abc.ABC):
             tokens = [self.bos]  # an empty prompt: start from BOS as llama-cpp-python does
         return tokens
 
+    def longest_piece(self) -> int:
+        """Bytes of the vocabulary's longest token (one pass over the vocabulary)."""
+        return max((len(self.piece(t)) for t in range(self.n_vocab)), default=1) or 1
+
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")

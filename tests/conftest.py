@@ -47,3 +47,15 @@ def gemma_model() -> Path:
         return Path(gemma.assemble(target))  # verifies an existing copy, or writes one
     except FileExistsError:  # a damaged copy: write it again
         return Path(gemma.assemble(target, overwrite=True))
+
+
+@pytest.fixture(scope="session")
+def mlx_model(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packaged SmolLM2 converted to an MLX model directory (``axserving models convert``,
+    well under a second), once per session."""
+    from axserving.models.convert import convert
+
+    out = tmp_path_factory.mktemp("mlx-model") / "smollm2-mlx"
+    convert(default_model, out)
+    return out
+

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from ipc.ring import pid_alive
 
@@ -185,9 +186,24 @@ def _group_members(pgid: int) -> list[str]:
     return members
 
 
-def run_smollm(tmp: Path, model: Path) -> contextlib.AbstractContextManager[Server]:
-    """The slow tier's usual server: the packaged SmolLM2, 2 threads, a 2048-token context."""
-    return run_server(tmp, "--model", str(model), "--threads", "2", "--ctx-size", "2048", ready_timeout=180)
+def run_smollm(tmp: Path, model: Path, backend: str = "llama_cpp") -> contextlib.AbstractContextManager[Server]:
+    """The slow tier's usual server: the packaged SmolLM2, 2 threads, a 2048-token context, on
+    ``backend`` (``mlx``: ``model`` is the converted directory)."""
+    return run_server(
+        tmp, "--model", str(model), "--backend", backend, "--threads", "2", "--ctx-size", "2048", ready_timeout=180,
+    )
+
+
+#: The real backends the slow tier's server tests run on (a module's ``server`` fixture takes
+#: them as its params: every test of the module runs on each).
+BACKENDS = ["llama_cpp", "mlx"]
+
+
+def smollm_on(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    """(backend, model) for a fixture parametrized over :data:`BACKENDS`: the packaged GGUF for
+    llama.cpp, its MLX conversion (the session's ``mlx_model``) for MLX."""
+    backend = str(request.param)
+    return backend, request.getfixturevalue("mlx_model" if backend == "mlx" else "default_model")
 
 
 def openai_client(server: Server) -> openai.OpenAI:

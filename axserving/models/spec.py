@@ -209,6 +209,9 @@ def _check_format(path: Path, backend: str, fmt: ModelFormat) -> None:
             f"backend {backend!r} loads {known.format.value} models; {str(path)!r} is {fmt.value}",
             param="backend", code="backend_mismatch",
         )
+    missing = known.missing()
+    if missing is not None:
+        raise UnprocessableRequest(missing, param="backend", code="backend_unavailable")
 
 
 def _estimate(path: str, info: gguf.GGUFInfo | None, engine: BackendConfig) -> int:

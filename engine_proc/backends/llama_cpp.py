@@ -20,18 +20,18 @@ truncated; its stream simply pauses).
 
 from __future__ import annotations
 
-import array
 import ctypes
 import logging
 import os
 from collections import deque
 
 import llama_cpp
-import msgspec
 import numpy as np
 
-from engine_proc.backends.base import Backend, BackendConfig, ModelInfo, RequestRejected
+from engine_proc.backends import intake
+from engine_proc.backends.base import Backend, BackendConfig, ModelInfo
 from engine_proc.backends.batching import SlotTable, share_budget
+from engine_proc.backends.intake import Choice
 from engine_proc.backends.llama_sampling import SamplerChain
 from engine_proc.backends.llama_vocab import (
     LlamaTokenizer,
@@ -39,59 +39,20 @@ from engine_proc.backends.llama_vocab import (
     open_model,
     release,
 )
-from engine_proc.grammar import GrammarError
-from engine_proc.output import MAX_TOP_LOGPROBS, ChoiceOutput, token_logprob
-from engine_proc.tokenizer import TemplateError
-from ipc.records import Delta, Kind, SamplingParams, Submit
+from engine_proc.output import token_logprob
+from ipc.records import Delta, Submit
 
 log = logging.getLogger("axserving.engine.llama_cpp")
 
 _KV_FULL = 1  # llama_decode: no KV slot for the batch (nothing was computed; safe to retry)
 
 
-def _by_slot(item: tuple[_Sequence, int]) -> int:
+def _by_slot(item: tuple[Choice, int]) -> int:
     return item[0].slot
 
 
 class LlamaDecodeError(RuntimeError):
     """``llama_decode`` failed; the KV cache state is no longer trustworthy."""
-
-
-class _Sequence:
-    """A choice of a request: its slot (KV sequence id), tokens so far, sampler and output.
-
-    ``tokens[:n_past]`` are in the KV cache; ``tokens[n_past:]`` are still to be fed (the prompt
-    while prefilling, then the one token sampled last). A request with ``n > 1`` runs as one
-    sequence that prefills (the leader) and ``followers`` that hold their slots meanwhile; when
-    the prompt is in, each follower copies the leader's KV and draws its first token from the
-    same logits: one prefill for all the choices.
-    """
-
-    __slots__ = (
-        "exact", "followers", "n_past", "n_prompt", "out", "params", "rid", "sampler", "slot", "tokens",
-    )
-
-    def __init__(self, rid: int, params: SamplingParams, prompt: list[int], out: ChoiceOutput) -> None:
-        self.rid = rid
-        self.params = params
-        self.tokens: list[int] = prompt  # prompt + generated
-        self.n_prompt = len(prompt)
-        self.n_past = 0
-        self.slot = -1
-        self.sampler: SamplerChain | None = None
-        self.out = out
-        self.followers: list[_Sequence] = []
-        # Seeded sampling: its first logits are computed alone, cached prefix or not (see
-        # batching.share_budget), so the seed reproduces the reply.
-        self.exact = params.seed is not None and params.temperature > 0
-
-    @property
-    def n_generated(self) -> int:
-        return len(self.tokens) - self.n_prompt
-
-    @property
-    def pending(self) -> int:
-        return len(self.tokens) - self.n_past
 
 
 class LlamaCppBackend(Backend):
@@ -110,8 +71,8 @@ class LlamaCppBackend(Backend):
         self._max_piece = 1
         self._beat_cb: object = None  # the ctypes callback object, kept alive while installed
         self._slots = SlotTable(max(1, config.max_batch))
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []  # in admission order
+        self._waiting: deque[Choice] = deque()
+        self._running: list[Choice] = []  # in admission order
         # After a preemption, admit nothing new until some sequence has ended: the cache is full.
         self._admit_blocked = False
         self.preemptions = 0
@@ -183,104 +144,13 @@ class LlamaCppBackend(Backend):
     # ---- requests ----------------------------------------------------------------------------
 
     def submit(self, request: Submit) -> None:
-        params, gen, tok = request.params, request.gen, self._tok
-        assert tok is not None, "load() first"
-        if request.kind is not Kind.generate:
-            raise RequestRejected("invalid_request", "this model is loaded for generation, not embeddings", "model")
-        if params.max_tokens < 1:
-            raise RequestRejected("invalid_request", "max_tokens must be at least 1", "max_tokens")
-        if not 1 <= gen.n <= self._slots.n_slots:
-            raise RequestRejected(
-                "invalid_request",
-                f"n must be between 1 and {self._slots.n_slots} (this model's max_batch), got {gen.n}",
-                "n",
+        assert self._tok is not None, "load() first"
+        self._waiting.append(
+            intake.admit(
+                request, self._tok, n_ctx=self._n_ctx, max_choices=self._slots.n_slots,
+                max_piece=self._max_piece, trusted=self.trusted_messages(),
             )
-        if gen.logprobs > MAX_TOP_LOGPROBS:
-            raise RequestRejected("invalid_request", f"at most {MAX_TOP_LOGPROBS} top logprobs", "top_logprobs")
-        bad = next((t for t, _ in gen.logit_bias if not 0 <= t < self._n_vocab), None)
-        if bad is not None:
-            raise RequestRejected(
-                "invalid_request", f"logit_bias: token id {bad} is outside the vocabulary (size {self._n_vocab})",
-                "logit_bias",
-            )
-        self._check_size(request)
-        echo = ""
-        if request.messages is not None:
-            what = "messages"
-            try:
-                prompt = tok.chat_tokens(request.messages, gen, self.trusted_messages())
-            except TemplateError as e:
-                raise RequestRejected("invalid_request", str(e), "messages") from e
-        elif request.prompt is not None:
-            prompt, what = tok.completion_tokens(request.prompt), "prompt"
-            echo = request.prompt if gen.echo else ""
-        elif request.prompt_ids is not None:
-            prompt, what = self._token_ids(request.prompt_ids), "prompt"
-            echo = tok.detokenize(prompt) if gen.echo else ""
-        else:
-            raise RequestRejected("invalid_request", "request has neither messages nor prompt")
-        if not prompt:
-            raise RequestRejected("invalid_request", "prompt is empty", "prompt")
-        if len(prompt) >= self._n_ctx:
-            raise RequestRejected(
-                "context_length_exceeded",
-                f"This model's maximum context length is {self._n_ctx} tokens. However, your "
-                f"{what} resulted in {len(prompt)} tokens. Please reduce the length of the {what}.",
-                what,
-            )
-        try:
-            choices = [
-                _Sequence(
-                    request.rid,
-                    p := self._choice_params(params, i),
-                    list(prompt),
-                    ChoiceOutput(request.rid, i, p, gen, tok, len(prompt), echo),
-                )
-                for i in range(gen.n)
-            ]
-        except GrammarError as e:
-            raise RequestRejected("invalid_request", f"the grammar cannot be used: {e}") from e
-        leader = choices[0]
-        leader.followers = choices[1:]
-        self._waiting.append(leader)
-
-    @staticmethod
-    def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
-        """Each choice draws its own stream: a request's seed, offset by the choice's index."""
-        if index == 0 or params.seed is None:
-            return params
-        return msgspec.structs.replace(params, seed=params.seed + index)
-
-    def _check_size(self, request: Submit) -> None:
-        """Refuse, before tokenizing, a prompt that cannot fit: no token is longer than the
-        vocabulary's longest piece, so text of more than n_ctx such pieces is over for sure.
-        (Tokenizing megabytes only to count them stalled the engine past its heartbeat.)"""
-        if request.prompt_ids is not None:
-            n, unit, what = len(request.prompt_ids) // 4, "tokens", "prompt"
-            limit = self._n_ctx
-        else:
-            if request.messages is not None:
-                n, what = sum(len(m.content.encode()) for m in request.messages), "messages"
-            else:
-                n, what = len((request.prompt or "").encode()), "prompt"
-            unit, limit = "bytes", self._n_ctx * self._max_piece
-        if n > limit:
-            raise RequestRejected(
-                "context_length_exceeded",
-                f"This model's maximum context length is {self._n_ctx} tokens. However, your {what} "
-                f"has {n} {unit}, more than {self._n_ctx} tokens can hold. Please reduce the length of the {what}.",
-                what,
-            )
-
-    def _token_ids(self, packed: bytes) -> list[int]:
-        ids = array.array("i")
-        ids.frombytes(packed)
-        bad = next((t for t in ids if not 0 <= t < self._n_vocab), None)
-        if bad is not None:
-            raise RequestRejected(
-                "invalid_request", f"token id {bad} is outside the model's vocabulary (size {self._n_vocab})", "prompt"
-            )
-        return ids.tolist()
+        )
 
     def abort(self, rid: int) -> None:
         """Drop every choice of the request; their KV is freed now, not kept as a cache."""
@@ -332,10 +202,10 @@ class LlamaCppBackend(Backend):
                 f.sampler = f.sampler or self._sampler(f)
             self._running.append(seq)
 
-    def _sampler(self, seq: _Sequence) -> SamplerChain:
+    def _sampler(self, seq: Choice) -> SamplerChain:
         return SamplerChain(seq.params, self._n_vocab, seq.out.gen.logit_bias)
 
-    def _park_followers(self, seq: _Sequence, release: bool) -> None:
+    def _park_followers(self, seq: Choice, release: bool) -> None:
         """Give back the slots of a leader's followers (preempted: they are placed again when it
         restarts; ``release``: the request is gone, free their samplers too)."""
         for f in seq.followers:
@@ -362,7 +232,7 @@ class LlamaCppBackend(Backend):
         llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
         return 0
 
-    def _end(self, seq: _Sequence, keep_cache: bool) -> None:
+    def _end(self, seq: Choice, keep_cache: bool) -> None:
         """Take a running sequence out; keep its KV as a prefix-cache entry, or free it."""
         self._running.remove(seq)
         self._park_followers(seq, release=True)
@@ -374,7 +244,7 @@ class LlamaCppBackend(Backend):
         self._admit_blocked = False
 
     @staticmethod
-    def _free_sampler(seq: _Sequence) -> None:
+    def _free_sampler(seq: Choice) -> None:
         if seq.sampler is not None:
             seq.sampler.free()
             seq.sampler = None
@@ -441,7 +311,7 @@ class LlamaCppBackend(Backend):
             self._end(seq, keep_cache=True)
         return deltas
 
-    def _draw(self, seq: _Sequence, idx: int) -> Delta:
+    def _draw(self, seq: Choice, idx: int) -> Delta:
         """Draw the sequence's next token from the ``idx``-th logits and turn it into output."""
         out, ctx = seq.out, self._ctx
         assert seq.sampler is not None and self._tok is not None and ctx is not None
@@ -458,7 +328,7 @@ class LlamaCppBackend(Backend):
             lp = token_logprob(logits, token, out.gen.logprobs, self._tok)
         return out.accept(token, lp, at_limit=len(seq.tokens) >= self._n_ctx)
 
-    def _fill_batch(self, plan: list[int]) -> list[tuple[_Sequence, int]]:
+    def _fill_batch(self, plan: list[int]) -> list[tuple[Choice, int]]:
         """Write this step's tokens into the batch; return (sequence, output index) for each
         sequence whose last pending token is in it (its logits are sampled).
 
@@ -466,7 +336,7 @@ class LlamaCppBackend(Backend):
         order, so each run of consecutive slots is one micro-batch (see :mod:`.batching`)."""
         batch = self._batch
         assert batch is not None
-        outputs: list[tuple[_Sequence, int]] = []
+        outputs: list[tuple[Choice, int]] = []
         token, pos, n_seq_id, seq_id, logits = (
             batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits,
         )

@@ -73,10 +73,6 @@ class LlamaTokenizer(Tokenizer):
             self._guidance = lltokenizer_from_vocab(self._vocab)
         return self._guidance
 
-    def longest_piece(self) -> int:
-        """Bytes of the vocabulary's longest token (one pass over the vocabulary)."""
-        return max((len(self.piece(t)) for t in range(self.n_vocab)), default=1) or 1
-
 
 def install_heartbeat(ctx: llama_cpp.llama_context_p | None, callback: int, address: int) -> object:
     """Make ggml call ``callback(address)`` between the nodes of every graph it computes, so the

@@ -130,11 +130,27 @@ def test_backend_that_cannot_load_the_file(tmp_path: Path) -> None:
     mlx_dir = tmp_path / "mlx-model"
     mlx_dir.mkdir()
     (mlx_dir / "config.json").write_text("{}")
-    with pytest.raises(UnprocessableRequest, match="needed for MLX model directories, is not available"):
-        resolve(ModelConfig(id="m", path=str(mlx_dir)), ModelDefaults(), str(tmp_path))
+    assert resolve(ModelConfig(id="m", path=str(mlx_dir)), ModelDefaults(), str(tmp_path)).backend == "mlx"
+    with pytest.raises(UnprocessableRequest, match="loads mlx models"):
+        resolve(ModelConfig(id="m", path=str(path), backend="mlx"), ModelDefaults(), str(tmp_path))
     with pytest.raises(UnprocessableRequest, match="loads gguf models"):
         resolve(ModelConfig(id="m", path=str(mlx_dir), backend="llama_cpp"), ModelDefaults(), str(tmp_path))
     assert resolve(ModelConfig(id="m", path=str(path), backend="fake"), ModelDefaults(), str(tmp_path)).backend == "fake"
+
+
+def test_an_mlx_directory_without_the_mlx_extra_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlx_lm" else real(name, *a))
+    mlx_dir = tmp_path / "mlx-model"
+    mlx_dir.mkdir()
+    (mlx_dir / "config.json").write_text("{}")
+    with pytest.raises(UnprocessableRequest, match=r"backend 'mlx' needs mlx_lm: pip install 'axserving\[mlx\]'") as e:
+        resolve(ModelConfig(id="m", path=str(mlx_dir)), ModelDefaults(), str(tmp_path))
+    assert e.value.code == "backend_unavailable"
 
 
 def test_the_packaged_model_brings_its_recommended_sampling(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server import Server, openai_client, run_smollm
+from tests.server import BACKENDS, Server, openai_client, run_smollm, smollm_on
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,10 @@ TIME = [{"type": "function", "function": {"name": "get_time", "description": "Th
                                                          "required": ["tz"]}}}]
 
 
-@pytest.fixture(scope="module")
-def server(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with run_smollm(tmp_path_factory.mktemp("gen"), default_model) as s:
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    backend, model = smollm_on(request)
+    with run_smollm(tmp_path_factory.mktemp("gen"), model, backend) as s:
         yield s
 
 

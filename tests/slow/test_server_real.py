@@ -14,12 +14,14 @@ import openai
 import pytest
 
 from tests.server import (
+    BACKENDS,
     Server,
     leaked,
     openai_client,
     run_server,
     run_smollm,
     shm_names,
+    smollm_on,
 )
 
 pytestmark = pytest.mark.slow
@@ -48,9 +50,10 @@ def signal_engine_mid_stream(
     return info.value
 
 
-@pytest.fixture(scope="module")
-def server(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with run_smollm(tmp_path_factory.mktemp("real"), default_model) as s:
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    backend, model = smollm_on(request)
+    with run_smollm(tmp_path_factory.mktemp("real"), model, backend) as s:
         yield s
 
 

@@ -1,0 +1,163 @@
+"""A generation request turned into the choices a runtime runs, the same way for every backend.
+
+:func:`admit` checks what a runtime cannot run (its kind, ``max_tokens``, ``n``, logprobs,
+``logit_bias`` ids, a prompt longer than the context), builds the prompt tokens (the chat
+template through :class:`~engine_proc.tokenizer.Tokenizer`, a completion prompt, or token ids)
+and returns the request's :class:`Choice` es: the leader, which prefills, holding its followers
+(``n > 1``), which start from the leader's prompt once it is in. A backend only schedules and
+computes them; refusals are :class:`~engine_proc.backends.base.RequestRejected`.
+"""
+
+from __future__ import annotations
+
+import array
+from typing import Any
+
+import msgspec
+
+from engine_proc.backends.base import RequestRejected
+from engine_proc.grammar import GrammarError
+from engine_proc.output import MAX_TOP_LOGPROBS, ChoiceOutput
+from engine_proc.tokenizer import TemplateError, Tokenizer
+from ipc.records import Kind, SamplingParams, Submit
+
+
+class Choice:
+    """A choice of a request: its slot (KV sequence), tokens so far, sampler and output.
+
+    ``tokens[:n_past]`` are in the KV cache; ``tokens[n_past:]`` are still to be fed (the prompt
+    while prefilling, then the one token sampled last). A request with ``n > 1`` runs as one
+    choice that prefills (the leader) and ``followers`` that wait meanwhile; when the prompt is
+    in, each follower takes a copy of the leader's KV and draws its first token from the same
+    logits: one prefill for all the choices. ``sampler`` and ``cache`` belong to the runtime.
+    """
+
+    __slots__ = (
+        "cache", "exact", "followers", "n_past", "n_prompt", "out", "params", "rid", "sampler", "slot", "tokens",
+    )
+
+    def __init__(self, rid: int, params: SamplingParams, prompt: list[int], out: ChoiceOutput) -> None:
+        self.rid = rid
+        self.params = params
+        self.tokens: list[int] = prompt  # prompt + generated
+        self.n_prompt = len(prompt)
+        self.n_past = 0
+        self.slot = -1
+        self.sampler: Any = None
+        self.cache: Any = None
+        self.out = out
+        self.followers: list[Choice] = []
+        # Seeded sampling: its first logits are computed alone, cached prefix or not (see
+        # batching.share_budget), so the seed reproduces the reply.
+        self.exact = params.seed is not None and params.temperature > 0
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.tokens) - self.n_prompt
+
+    @property
+    def pending(self) -> int:
+        return len(self.tokens) - self.n_past
+
+
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Each choice draws its own stream: a request's seed, offset by the choice's index."""
+    if index == 0 or params.seed is None:
+        return params
+    return msgspec.structs.replace(params, seed=params.seed + index)
+
+
+def admit(
+    request: Submit, tok: Tokenizer, *, n_ctx: int, max_choices: int, max_piece: int, trusted: bool
+) -> Choice:
+    """The request's leader choice (its followers in ``followers``), or RequestRejected."""
+    params, gen = request.params, request.gen
+    n_vocab = tok.n_vocab
+    if request.kind is not Kind.generate:
+        raise RequestRejected("invalid_request", "this model is loaded for generation, not embeddings", "model")
+    if params.max_tokens < 1:
+        raise RequestRejected("invalid_request", "max_tokens must be at least 1", "max_tokens")
+    if not 1 <= gen.n <= max_choices:
+        raise RequestRejected(
+            "invalid_request", f"n must be between 1 and {max_choices} (this model's max_batch), got {gen.n}", "n",
+        )
+    if gen.logprobs > MAX_TOP_LOGPROBS:
+        raise RequestRejected("invalid_request", f"at most {MAX_TOP_LOGPROBS} top logprobs", "top_logprobs")
+    bad = next((t for t, _ in gen.logit_bias if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise RequestRejected(
+            "invalid_request", f"logit_bias: token id {bad} is outside the vocabulary (size {n_vocab})", "logit_bias",
+        )
+    check_size(request, n_ctx, max_piece)
+    echo = ""
+    if request.messages is not None:
+        what = "messages"
+        try:
+            prompt = tok.chat_tokens(request.messages, gen, trusted)
+        except TemplateError as e:
+            raise RequestRejected("invalid_request", str(e), "messages") from e
+    elif request.prompt is not None:
+        prompt, what = tok.completion_tokens(request.prompt), "prompt"
+        echo = request.prompt if gen.echo else ""
+    elif request.prompt_ids is not None:
+        prompt, what = token_ids(request.prompt_ids, n_vocab), "prompt"
+        echo = tok.detokenize(prompt) if gen.echo else ""
+    else:
+        raise RequestRejected("invalid_request", "request has neither messages nor prompt")
+    if not prompt:
+        raise RequestRejected("invalid_request", "prompt is empty", "prompt")
+    if len(prompt) >= n_ctx:
+        raise RequestRejected(
+            "context_length_exceeded",
+            f"This model's maximum context length is {n_ctx} tokens. However, your "
+            f"{what} resulted in {len(prompt)} tokens. Please reduce the length of the {what}.",
+            what,
+        )
+    try:
+        choices = [
+            Choice(
+                request.rid,
+                p := choice_params(params, i),
+                list(prompt),
+                ChoiceOutput(request.rid, i, p, gen, tok, len(prompt), echo),
+            )
+            for i in range(gen.n)
+        ]
+    except GrammarError as e:
+        raise RequestRejected("invalid_request", f"the grammar cannot be used: {e}") from e
+    leader = choices[0]
+    leader.followers = choices[1:]
+    return leader
+
+
+def check_size(request: Submit, n_ctx: int, max_piece: int) -> None:
+    """Refuse, before tokenizing, a prompt that cannot fit: no token is longer than the
+    vocabulary's longest piece, so text of more than n_ctx such pieces is over for sure.
+    (Tokenizing megabytes only to count them stalled the engine past its heartbeat.)"""
+    if request.prompt_ids is not None:
+        n, unit, what = len(request.prompt_ids) // 4, "tokens", "prompt"
+        limit = n_ctx
+    else:
+        if request.messages is not None:
+            n, what = sum(len(m.content.encode()) for m in request.messages), "messages"
+        else:
+            n, what = len((request.prompt or "").encode()), "prompt"
+        unit, limit = "bytes", n_ctx * max_piece
+    if n > limit:
+        raise RequestRejected(
+            "context_length_exceeded",
+            f"This model's maximum context length is {n_ctx} tokens. However, your {what} "
+            f"has {n} {unit}, more than {n_ctx} tokens can hold. Please reduce the length of the {what}.",
+            what,
+        )
+
+
+def token_ids(packed: bytes, n_vocab: int) -> list[int]:
+    ids = array.array("i")
+    ids.frombytes(packed)
+    bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise RequestRejected(
+            "invalid_request", f"token id {bad} is outside the model's vocabulary (size {n_vocab})", "prompt"
+        )
+    return ids.tolist()
