@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="serve a model over an OpenAI-compatible HTTP API")
     run.add_argument(
-        "--model", help="serve this model file alone, instead of the configured 'models' "
-        "(default: the packaged SmolLM2-135M-Instruct)",
+        "--model", help="serve this model alone (a GGUF file, or an MLX model directory), instead of the "
+        "configured 'models' (default: the packaged SmolLM2-135M-Instruct)",
     )
     run.add_argument("--model-id", help="id clients use in 'model' for --model (default: default)")
     run.add_argument(
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate", help="one generation from the command line through an engine process (no server)",
     )
-    gen.add_argument("-m", "--model", help="model file (default: the packaged SmolLM2-135M-Instruct)")
+    gen.add_argument("-m", "--model", help="a GGUF file or an MLX model directory (default: the packaged SmolLM2-135M-Instruct)")
     gen.add_argument("-p", "--prompt", required=True, help="the user message (or, with --raw, the prompt text)")
     gen.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
     gen.add_argument("--raw", action="store_true", help="complete the prompt as text, without the chat template")

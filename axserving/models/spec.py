@@ -8,6 +8,8 @@ starts; the running front calls it in a worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import json
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +160,7 @@ def resolve(
         sampling=_merge_sampling(entry.sampling, recommended),
         memory_bytes=size,
         memory_estimated=estimated,
-        architecture=info.architecture if info is not None else None,
+        architecture=info.architecture if info is not None else _directory_architecture(path),
         description=description,
     )
 
@@ -194,6 +196,18 @@ def _route(path: Path, backend: str) -> tuple[str, gguf.GGUFInfo | None]:
         backend = routed
     _check_format(path, backend, ModelFormat.gguf)
     return backend, info
+
+
+def _directory_architecture(path: str) -> str | None:
+    """An MLX model directory's architecture: its config.json's ``model_type``."""
+    config = Path(path) / "config.json"
+    if path.startswith(FAKE_SCHEME) or not config.is_file():
+        return None
+    try:
+        kind = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
 
 
 def _check_format(path: Path, backend: str, fmt: ModelFormat) -> None:

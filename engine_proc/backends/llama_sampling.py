@@ -14,8 +14,7 @@ import llama_cpp
 
 from ipc.records import SamplingParams
 
-# OpenAI's frequency/presence penalties and llama.cpp's repeat penalty look this far back.
-PENALTY_LAST_N = 64
+from engine_proc.backends.np_sampling import PENALTY_LAST_N  # the same history as the NumPy chain
 
 # llama.cpp reads this seed as "pick a random one"; user seeds are folded below it.
 _RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED

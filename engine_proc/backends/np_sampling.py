@@ -2,7 +2,7 @@
 
 It follows the chain :mod:`.llama_sampling` builds in llama.cpp, in the same order and with the
 same meaning, so a request samples alike on either backend: ``logit_bias``, then the penalties
-over the last :data:`~engine_proc.backends.llama_sampling.PENALTY_LAST_N` tokens (llama.cpp's
+over the last :data:`PENALTY_LAST_N` tokens (llama.cpp's
 repeat penalty, OpenAI's frequency and presence penalties), then top-k, top-p, min-p,
 temperature and a seeded draw; temperature 0 is an argmax after the penalties.
 """
@@ -16,7 +16,8 @@ import numpy as np
 
 from ipc.records import SamplingParams
 
-PENALTY_LAST_N = 64  # as llama_sampling.PENALTY_LAST_N (not imported: that module needs llama_cpp)
+# OpenAI's frequency/presence penalties and llama.cpp's repeat penalty look this far back.
+PENALTY_LAST_N = 64
 
 
 class NumpySampler:

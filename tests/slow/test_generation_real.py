@@ -353,7 +353,7 @@ def embed_model(server: Server, oai: openai.OpenAI, default_model: Path) -> str:
     import httpx
 
     r = httpx.post(f"{server.v1}/models", headers={"Authorization": f"Bearer {server.api_key}"}, timeout=120,
-                   json={"model_id": "smol-embed", "path": str(default_model), "enable_embeddings": True, "context_length": 512,
+                   json={"model_id": "smol-embed", "path": str(default_model), "backend": "llama_cpp", "enable_embeddings": True, "context_length": 512,
                          "max_batch": 64})
     assert r.status_code in (200, 201), r.text
     return "smol-embed"

@@ -6,24 +6,23 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
 from tests.batching import PROMPTS
-from tests.server import Server, run_server
+from tests.server import BACKENDS, Server, run_server, smollm_on
 
 pytestmark = pytest.mark.slow
 
 
-
-@pytest.fixture(scope="module")
-def server(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("batching")
+    backend, model = smollm_on(request)
     with run_server(
-        tmp, "--model", str(default_model), "--threads", "2", "--ctx-size", "4096",
+        tmp, "--model", str(model), "--backend", backend, "--threads", "2", "--ctx-size", "4096",
         env={"AXS_MAX_BATCH": "4"}, ready_timeout=180,
     ) as s:  # fmt: skip
         yield s
