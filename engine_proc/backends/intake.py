@@ -11,11 +11,13 @@ computes them; refusals are :class:`~engine_proc.backends.base.RequestRejected`.
 from __future__ import annotations
 
 import array
+from collections import deque
 from typing import Any
 
 import msgspec
 
-from engine_proc.backends.base import RequestRejected
+from engine_proc.backends.base import Backend, BackendConfig, RequestRejected
+from engine_proc.backends.batching import SlotTable
 from engine_proc.grammar import GrammarError
 from engine_proc.output import MAX_TOP_LOGPROBS, ChoiceOutput
 from engine_proc.tokenizer import TemplateError, Tokenizer
@@ -58,6 +60,49 @@ class Choice:
     @property
     def pending(self) -> int:
         return len(self.tokens) - self.n_past
+
+
+class ChoiceBackend(Backend):
+    """What a batched backend keeps of its requests, whatever computes them: choices waiting
+    (FIFO) and running (in admission order), the slot table, and what follows from them
+    (submit, has_work, occupancy, held KV). A runtime sets ``_tok``, ``_n_ctx`` and
+    ``_max_piece`` in ``load`` and implements the rest."""
+
+    def __init__(self, config: BackendConfig, share: bool) -> None:
+        super().__init__(config)
+        self._tok: Tokenizer | None = None
+        self._n_ctx = 0
+        self._max_piece = 1
+        self._slots = SlotTable(max(1, config.max_batch), share=share)
+        self._waiting: deque[Choice] = deque()
+        self._running: list[Choice] = []  # in admission order
+
+    def submit(self, request: Submit) -> None:
+        assert self._tok is not None, "load() first"
+        self._waiting.append(
+            admit(
+                request, self._tok, n_ctx=self._n_ctx, max_choices=self._slots.n_slots,
+                max_piece=self._max_piece, trusted=self.trusted_messages(),
+            )
+        )
+
+    def has_work(self) -> bool:
+        return bool(self._running) or bool(self._waiting)
+
+    def occupancy(self) -> tuple[int, int]:
+        parked = sum(len(s.followers) for s in self._running)
+        return len(self._running) + parked, sum(1 + len(s.followers) for s in self._waiting)
+
+    def held_tokens(self) -> int:
+        """KV positions the running choices hold (a leader's are its followers' too, soon)."""
+        return sum(s.n_past * (1 + len(s.followers)) for s in self._running)
+
+    def cancelled_prefills(self) -> list[Choice]:
+        """Running choices still prefilling whose request the front cancelled: the backend
+        drops them now (the next prefill chunk would be wasted) and reports them."""
+        gone = [s for s in self._running if s.pending > 1 and self.cancelled(s.rid)]
+        self.dropped += [rid for rid in dict.fromkeys(s.rid for s in gone) if rid not in self.dropped]
+        return gone
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:

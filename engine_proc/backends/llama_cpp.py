@@ -23,15 +23,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections import deque
 
 import llama_cpp
 import numpy as np
 
-from engine_proc.backends import intake
-from engine_proc.backends.base import Backend, BackendConfig, ModelInfo
-from engine_proc.backends.batching import SlotTable, share_budget
-from engine_proc.backends.intake import Choice
+from engine_proc.backends.base import BackendConfig, ModelInfo
+from engine_proc.backends.batching import share_budget
+from engine_proc.backends.intake import Choice, ChoiceBackend
 from engine_proc.backends.llama_sampling import SamplerChain
 from engine_proc.backends.llama_vocab import (
     LlamaTokenizer,
@@ -40,7 +38,7 @@ from engine_proc.backends.llama_vocab import (
     release,
 )
 from engine_proc.output import token_logprob
-from ipc.records import Delta, Submit
+from ipc.records import Delta
 
 log = logging.getLogger("axserving.engine.llama_cpp")
 
@@ -55,24 +53,18 @@ class LlamaDecodeError(RuntimeError):
     """``llama_decode`` failed; the KV cache state is no longer trustworthy."""
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(ChoiceBackend):
     name = "llama_cpp"
 
     def __init__(self, config: BackendConfig) -> None:
-        super().__init__(config)
+        super().__init__(config, share=config.kv_unified)  # split caches copy whole sequences only
         self._llama: llama_cpp.Llama | None = None
         self._ctx: llama_cpp.llama_context_p | None = None
-        self._tok: LlamaTokenizer | None = None
         self._memory: llama_cpp.llama_memory_t | None = None
         self._batch: llama_cpp.llama_batch | None = None
-        self._n_ctx = 0
         self._n_batch = 0
         self._n_vocab = 0
-        self._max_piece = 1
         self._beat_cb: object = None  # the ctypes callback object, kept alive while installed
-        self._slots = SlotTable(max(1, config.max_batch))
-        self._waiting: deque[Choice] = deque()
-        self._running: list[Choice] = []  # in admission order
         # After a preemption, admit nothing new until some sequence has ended: the cache is full.
         self._admit_blocked = False
         self.preemptions = 0
@@ -100,8 +92,6 @@ class LlamaCppBackend(Backend):
         params.n_batch = params.n_ubatch = self._n_batch
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = n_threads
-        # Across separate per-sequence caches llama.cpp can only copy whole sequences.
-        self._slots.share = cfg.kv_unified
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(llama.model, params)
         if self._ctx is None:
@@ -143,15 +133,6 @@ class LlamaCppBackend(Backend):
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def submit(self, request: Submit) -> None:
-        assert self._tok is not None, "load() first"
-        self._waiting.append(
-            intake.admit(
-                request, self._tok, n_ctx=self._n_ctx, max_choices=self._slots.n_slots,
-                max_piece=self._max_piece, trusted=self.trusted_messages(),
-            )
-        )
-
     def abort(self, rid: int) -> None:
         """Drop every choice of the request; their KV is freed now, not kept as a cache."""
         for seq in [s for s in self._running if s.rid == rid]:
@@ -161,18 +142,10 @@ class LlamaCppBackend(Backend):
             self._park_followers(seq, release=True)
             self._free_sampler(seq)
 
-    def has_work(self) -> bool:
-        return bool(self._running) or bool(self._waiting)
-
-    def occupancy(self) -> tuple[int, int]:
-        parked = sum(len(s.followers) for s in self._running)
-        return len(self._running) + parked, sum(1 + len(s.followers) for s in self._waiting)
-
     def kv_usage(self) -> float:
         if self._ctx is None:
             return 0.0
-        held = sum(s.n_past * (1 + len(s.followers)) for s in self._running)
-        return min(1.0, held / max(1, llama_cpp.llama_n_ctx(self._ctx)))
+        return min(1.0, self.held_tokens() / max(1, llama_cpp.llama_n_ctx(self._ctx)))
 
     # ---- scheduling --------------------------------------------------------------------------
 
@@ -273,10 +246,8 @@ class LlamaCppBackend(Backend):
     def step(self) -> list[Delta]:
         if self._ctx is None:
             raise RuntimeError("LlamaCppBackend.step() before load() or after close()")
-        for seq in [s for s in self._running if s.pending > 1 and self.cancelled(s.rid)]:
-            self._end(seq, keep_cache=False)  # cancelled mid-prefill; its Abort follows
-            if seq.rid not in self.dropped:
-                self.dropped.append(seq.rid)
+        for seq in self.cancelled_prefills():
+            self._end(seq, keep_cache=False)  # its Abort follows
         self._admit()
         if not self._running:
             return []

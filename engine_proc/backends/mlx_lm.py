@@ -30,21 +30,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine_proc.backends import intake
-from engine_proc.backends.base import Backend, BackendConfig, ModelInfo
-from engine_proc.backends.batching import SlotTable, share_budget
+from engine_proc.backends.base import BackendConfig, ModelInfo
+from engine_proc.backends.batching import share_budget
 from engine_proc.backends.hf_vocab import HFTokenizer
-from engine_proc.backends.intake import Choice
+from engine_proc.backends.intake import Choice, ChoiceBackend
 from engine_proc.backends.np_sampling import NumpySampler
 from engine_proc.output import token_logprob
 from engine_proc.spec import size_bytes
-from ipc.records import Delta, Submit
+from ipc.records import Delta
 
 log = logging.getLogger("axserving.engine.mlx")
 
@@ -56,21 +54,16 @@ OPTION_CACHE_LIMIT = "cache_limit"  # mx.set_cache_limit: freed buffers MLX keep
 STEP_TARGET_S = 1.0  # the longest a step's budget may make a step (measured at load)
 
 
-class MlxBackend(Backend):
+class MlxBackend(ChoiceBackend):
     name = "mlx"
 
     def __init__(self, config: BackendConfig) -> None:
-        super().__init__(config)
+        # A slot's prefix is reused in place only: one sequence's KV cannot share another's.
+        super().__init__(config, share=False)
         self._mx: Any = None  # mlx.core, imported by load()
         self._model: Any = None
-        self._tok: HFTokenizer | None = None
-        self._n_ctx = 0
         self._n_batch = 0
-        self._max_piece = 1
-        self._slots = SlotTable(max(1, config.max_batch), share=False)
         self._idle: dict[int, list[Any]] = {}  # slot -> the per-layer KVCache list it keeps
-        self._waiting: deque[Choice] = deque()
-        self._running: list[Choice] = []  # in admission order
         self._rows: list[Choice] = []  # the decoding batch, in the order of its cache's rows
         self._batch_cache: list[Any] | None = None  # one BatchKVCache per layer, or None
 
@@ -89,6 +82,10 @@ class MlxBackend(Backend):
         if not metal:
             mx.set_default_device(mx.cpu)
         self._limits(metal)
+        if cfg.kv_unified:
+            log.warning("kv_unified does not apply to MLX: each sequence has its own KV cache (ignored)")
+        if cfg.n_threads and not metal:
+            log.info("threads=%d: MLX's CPU path picks its own threads (ignored)", cfg.n_threads)
         began = time.monotonic()
         self._model, model_config = load_model(path)
         self._tok = self.tokenizer = HFTokenizer(path)
@@ -106,7 +103,8 @@ class MlxBackend(Backend):
         return ModelInfo(backend=self.name, n_ctx=self._n_ctx, description=description, step_s=step_s)
 
     def _limits(self, metal: bool) -> None:
-        mx = self._mx
+        import mlx.core as mx
+
         for option, setter, needs_metal in (
             (OPTION_MEMORY_LIMIT, mx.set_memory_limit, False),
             (OPTION_CACHE_LIMIT, mx.set_cache_limit, False),
@@ -170,31 +168,14 @@ class MlxBackend(Backend):
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def submit(self, request: Submit) -> None:
-        assert self._tok is not None, "load() first"
-        self._waiting.append(
-            intake.admit(
-                request, self._tok, n_ctx=self._n_ctx, max_choices=self._slots.n_slots,
-                max_piece=self._max_piece, trusted=self.trusted_messages(),
-            )
-        )
-
     def abort(self, rid: int) -> None:
         """Drop every choice of the request; their KV is freed now, not kept as a cache."""
         self._end([s for s in self._running if s.rid == rid], keep_cache=False)
         for seq in [s for s in self._waiting if s.rid == rid]:
             self._waiting.remove(seq)
 
-    def has_work(self) -> bool:
-        return bool(self._running) or bool(self._waiting)
-
-    def occupancy(self) -> tuple[int, int]:
-        parked = sum(len(s.followers) for s in self._running)
-        return len(self._running) + parked, sum(1 + len(s.followers) for s in self._waiting)
-
     def kv_usage(self) -> float:
-        held = sum(s.n_past * (1 + len(s.followers)) for s in self._running)
-        return min(1.0, held / max(1, self._n_ctx * self._slots.n_slots))
+        return min(1.0, self.held_tokens() / max(1, self._n_ctx * self._slots.n_slots))
 
     # ---- scheduling --------------------------------------------------------------------------
 
@@ -277,9 +258,7 @@ class MlxBackend(Backend):
     def step(self) -> list[Delta]:
         if self._model is None:
             raise RuntimeError("MlxBackend.step() before load() or after close()")
-        cancelled = [s for s in self._running if s.pending > 1 and self.cancelled(s.rid)]
-        self._end(cancelled, keep_cache=False)  # cancelled mid-prefill; its Abort follows
-        self.dropped += [s.rid for s in cancelled if s.rid not in self.dropped]
+        self._end(self.cancelled_prefills(), keep_cache=False)  # their Abort follows
         self._admit()
         if not self._running:
             return []

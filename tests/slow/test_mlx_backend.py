@@ -115,3 +115,19 @@ def test_n_choices_share_one_prefill_and_abort_frees_everything(mlx: Backend) ->
     assert mlx.occupancy()[0] >= 1
     mlx.abort(41)
     assert not mlx.has_work() and mlx.occupancy() == (0, 0) and mlx.kv_usage() == 0.0
+
+
+def test_memory_options_are_sizes_and_a_bad_one_fails_the_load(mlx_model: Path) -> None:
+    import mlx.core as mx
+
+    from engine_proc.backends.mlx_lm import MlxBackend
+
+    bad = MlxBackend(BackendConfig(str(mlx_model), options=(("memory_limit", "lots"),)))
+    with pytest.raises(ValueError, match="backend option memory_limit='lots': expected bytes"):
+        bad.load()
+    previous = mx.set_cache_limit(0)
+    try:
+        MlxBackend(BackendConfig(str(mlx_model), options=(("cache_limit", "64MiB"),)))._limits(metal=False)
+        assert mx.set_cache_limit(previous) == 64 << 20
+    finally:
+        mx.set_cache_limit(previous)
