@@ -35,6 +35,7 @@ class BackendInfo:
     target: str  # "module:Class", imported in the engine process only
     format: ModelFormat
     summary: str
+    embeddings: bool = True  # it can load a model for embeddings (enable_embeddings)
     requires: tuple[str, ...] = ()  # modules the engine imports (an optional extra's)
     extra: str = ""  # the pip extra that installs them
 
@@ -56,7 +57,7 @@ BACKENDS: dict[str, BackendInfo] = {
         BackendInfo(
             "mlx", "engine_proc.backends.mlx_lm:MlxBackend", ModelFormat.mlx,
             "MLX through mlx-lm (Metal on Apple Silicon; a slow reference CPU path on Linux)",
-            requires=("mlx", "mlx_lm"), extra="mlx",
+            embeddings=False, requires=("mlx", "mlx_lm"), extra="mlx",
         ),
         BackendInfo("fake", "engine_proc.backends.fake:FakeBackend", ModelFormat.any, "echo test double"),
     )

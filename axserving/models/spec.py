@@ -124,6 +124,12 @@ def resolve(
             param="backend", code="unknown_backend",
         )
 
+    if entry.enable_embeddings and not BACKENDS[backend].embeddings:
+        raise UnprocessableRequest(
+            f"backend {backend!r} does not serve embeddings; load a GGUF file with llama_cpp for them",
+            param="enable_embeddings", code="embeddings_unsupported",
+        )
+
     def pick(value: object, fallback: object) -> object:
         return fallback if value is None else value
 

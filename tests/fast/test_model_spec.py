@@ -133,6 +133,9 @@ def test_backend_that_cannot_load_the_file(tmp_path: Path) -> None:
     assert resolve(ModelConfig(id="m", path=str(mlx_dir)), ModelDefaults(), str(tmp_path)).backend == "mlx"
     with pytest.raises(UnprocessableRequest, match="loads mlx models"):
         resolve(ModelConfig(id="m", path=str(path), backend="mlx"), ModelDefaults(), str(tmp_path))
+    with pytest.raises(UnprocessableRequest, match="'mlx' does not serve embeddings") as e:
+        resolve(ModelConfig(id="m", path=str(mlx_dir), enable_embeddings=True), ModelDefaults(), str(tmp_path))
+    assert e.value.code == "embeddings_unsupported"
     with pytest.raises(UnprocessableRequest, match="loads gguf models"):
         resolve(ModelConfig(id="m", path=str(mlx_dir), backend="llama_cpp"), ModelDefaults(), str(tmp_path))
     assert resolve(ModelConfig(id="m", path=str(path), backend="fake"), ModelDefaults(), str(tmp_path)).backend == "fake"
