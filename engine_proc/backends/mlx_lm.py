@@ -278,10 +278,17 @@ class MlxBackend(ChoiceBackend):
             n = planned[id(seq)]
             if seq.cache is None or not n:
                 continue
-            chunk = mx.array([seq.tokens[seq.n_past : seq.n_past + n]], dtype=mx.int32)
-            out = model(chunk, cache=seq.cache)
+            chunk = seq.tokens[seq.n_past : seq.n_past + n]
+            last = seq.n_past + n == len(seq.tokens)
+            if last and n > 1:
+                # Only the last position's logits are drawn from: the rest of the chunk goes
+                # first, its logits never evaluated (lazy), so the vocabulary projection runs for
+                # one row, not n (as mlx-lm's generate_step prefills).
+                model(mx.array([chunk[:-1]], dtype=mx.int32), cache=seq.cache)
+                chunk = chunk[-1:]
+            out = model(mx.array([chunk], dtype=mx.int32), cache=seq.cache)
             prefilling.append((seq, n))
-            if seq.n_past + n == len(seq.tokens):
+            if last:
                 outputs.append(([seq, *seq.followers], out[0, -1, :]))
         rows = mx.stack([row for _, row in outputs]).astype(mx.float32) if outputs else None
         mx.eval(rows, [layer.state for s, _ in prefilling for layer in s.cache])
