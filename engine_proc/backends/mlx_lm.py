@@ -213,7 +213,7 @@ class MlxBackend(ChoiceBackend):
         if not seqs:
             return
         gone = {id(s) for s in seqs}
-        rows = [i for i, s in enumerate(self._rows) if id(s) in gone]
+        rows = {i for i, s in enumerate(self._rows) if id(s) in gone}
         for seq in seqs:
             self._running.remove(seq)
             for f in seq.followers:  # still waiting for the prompt: nothing of theirs is held
@@ -224,7 +224,7 @@ class MlxBackend(ChoiceBackend):
                 for i in rows:
                     seq = self._rows[i]
                     self._idle[seq.slot] = [layer.extract(i) for layer in self._batch_cache]
-            keep = [i for i in range(len(self._rows)) if i not in set(rows)]
+            keep = [i for i in range(len(self._rows)) if i not in rows]
             self._rows = [self._rows[i] for i in keep]
             if keep:
                 for layer in self._batch_cache:
