@@ -140,6 +140,11 @@ def messages(req: MessagesRequest | CountTokensRequest) -> tuple[ChatMessage, ..
         if isinstance(m.content, str):
             out.append(ChatMessage(m.role, m.content))
             continue
+        if not m.content and not (m.role == "assistant" and i == len(req.messages) - 1):
+            raise InvalidRequest(
+                f"messages[{i}]: all messages must have non-empty content except for the optional final "
+                "assistant message", param=where,
+            )
         texts: list[str] = []
         calls: list[ToolCall] = []
         for j, b in enumerate(m.content):
@@ -161,6 +166,8 @@ def messages(req: MessagesRequest | CountTokensRequest) -> tuple[ChatMessage, ..
                                      param=f"{where}[{j}].type")
         if texts or calls:
             out.append(ChatMessage(m.role, "".join(texts), tool_calls=tuple(calls)))
+    if not any(m.role != "system" for m in out):
+        raise InvalidRequest("messages: the conversation has no content", param="messages")
     return tuple(out)
 
 

@@ -533,6 +533,16 @@ def test_messages_count_tokens_and_errors(claude: Any, client: TestClient) -> No
     r = client.post("/v1/messages", json={"max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}]}]})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    # Empty content (found by the fuzzer: the conversation reached the engine empty, a 500).
+    for conversation in ([{"role": "user", "content": []}],
+                         [{"role": "user", "content": "hi"}, {"role": "user", "content": []}],
+                         [{"role": "assistant", "content": []}],
+                         [{"role": "user", "content": [{"type": "thinking", "thinking": "t", "signature": "s"}]}]):
+        r = client.post("/v1/messages", json={"max_tokens": 1, "messages": conversation})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (conversation, r.text)
+    ok = client.post("/v1/messages", json={"max_tokens": 1, "messages": [  # a final assistant turn may be empty
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": []}]})
+    assert ok.status_code == 200, ok.text
     r = client.post("/v1/messages", json={"max_tokens": 5}, headers={"Authorization": ""})
     assert r.status_code == 401 and r.json() == {"type": "error", "error": {
         "type": "authentication_error", "message": r.json()["error"]["message"]}}
