@@ -3,6 +3,8 @@ can never pass for another's), and helpers to serve several at once and compare 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from engine_proc.backends.base import Backend
 from ipc.records import Delta, Submit
 
@@ -34,8 +36,8 @@ def text(deltas: list[Delta]) -> str:
     return "".join(d.text for d in deltas)
 
 
-def agree(a: str, b: str) -> int:
-    """Characters two replies share before they first differ."""
+def agree(a: Sequence[object], b: Sequence[object]) -> int:
+    """Items (characters, or token ids) two replies share before they first differ."""
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1

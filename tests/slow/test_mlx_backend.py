@@ -15,7 +15,7 @@ import pytest
 from engine_proc.backends.base import Backend
 from engine_proc.spec import BackendConfig
 from ipc.records import ChatMessage, Generation, Kind, SamplingParams, Submit
-from tests.batching import run
+from tests.batching import agree, run
 
 pytestmark = pytest.mark.slow
 
@@ -57,13 +57,6 @@ def llama(default_model: Path) -> Iterator[Backend]:
     b.close()
 
 
-def first_agreeing(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def test_greedy_replies_agree_with_llama_cpp_until_a_near_tie(mlx: Backend, llama: Backend) -> None:
     """Both backends read the same prompt ids; their greedy replies agree, then may fork where
     the two best tokens are nearly tied (llama.cpp quantizes activations to 8 bits in its Q4_1
@@ -78,7 +71,7 @@ def test_greedy_replies_agree_with_llama_cpp_until_a_near_tie(mlx: Backend, llam
     counts = []
     for i in range(len(PROMPTS)):
         a, b = ids(ours[i]), ids(theirs[i])
-        n = first_agreeing(a, b)
+        n = agree(a, b)
         counts.append(n)
         if n < min(len(a), len(b)):  # a fork: llama.cpp's token was MLX's runner-up, close behind
             entry = [lp for d in ours[i] for lp in d.logprobs][n]
