@@ -47,6 +47,8 @@ class Outcome:
     tokens_from: str = "none"  # "usage", "chunks" or "none"
     chunks: int = 0
     finish_reason: str | None = None
+    group: str = ""  # the workload's kind of request ("long" for long-prompts' long ones)
+    text: str = ""  # the reply's content, when the call keeps it (a conversation's next turn needs it)
 
     @property
     def tpot(self) -> float | None:
@@ -65,6 +67,7 @@ class Call:
     stream: bool
     max_tokens: int
     ignore_eos: bool
+    keep_text: bool = False
 
 
 def _snippet(data: bytes | str) -> str:
@@ -98,6 +101,8 @@ async def _whole(client: httpx.AsyncClient, call: Call, index: int, payload: byt
         obj = orjson.loads(r.content)
         choice = obj["choices"][0]
         text = choice["message"].get("content") if call.chat else choice.get("text")
+        if call.keep_text and isinstance(text, str):
+            out.text = text
         out.finish_reason = choice.get("finish_reason")
         usage = obj.get("usage") or {}
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
@@ -115,6 +120,7 @@ async def _stream(client: httpx.AsyncClient, call: Call, index: int, payload: by
     done = False
     usage_tokens: int | None = None
     last = t0
+    parts: list[str] = []
     async with client.stream("POST", call.url, content=payload, headers=call.headers) as r:
         out.http_status = r.status_code
         if r.status_code != 200:
@@ -164,12 +170,15 @@ async def _stream(client: httpx.AsyncClient, call: Call, index: int, payload: by
                             out.itl.append(now - last)
                         last = now
                         out.chunks += 1
+                        if call.keep_text:
+                            parts.append(text)
                     if choice.get("finish_reason"):
                         out.finish_reason = choice["finish_reason"]
         except httpx.HTTPError as e:
             # The connection broke after a 200: what came so far decides empty vs truncated.
             out.detail = f"{type(e).__name__}: {e}"
     out.e2e = time.perf_counter() - t0
+    out.text = "".join(parts)
     if usage_tokens is not None:
         out.output_tokens, out.tokens_from = usage_tokens, "usage"
     else:

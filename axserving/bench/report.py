@@ -69,10 +69,16 @@ class LevelSummary:
     failures: dict[str, int] = field(default_factory=dict)  # e.g. "http 503", "empty", "truncated"
     finish_reasons: dict[str, int] = field(default_factory=dict)
     samples: list[str] = field(default_factory=list)  # a few failure details
+    group: str = ""  # the workload's kind of request ("" the main one; "long" for long-prompts' long ones)
 
     @property
     def failed(self) -> int:
         return self.errors + self.empty + self.truncated
+
+    @property
+    def level(self) -> str:
+        """The concurrency level as the tables print it, with the group when there is one."""
+        return f"{self.concurrency} {self.group}" if self.group else str(self.concurrency)
 
 
 def _failure_key(o: Outcome) -> str:
@@ -82,7 +88,8 @@ def _failure_key(o: Outcome) -> str:
 
 
 def summarize(
-    target: str, concurrency: int, rounds: int, outcomes: Sequence[Outcome], duration_s: float, cpu_s: float
+    target: str, concurrency: int, rounds: int, outcomes: Sequence[Outcome], duration_s: float, cpu_s: float,
+    group: str = "",
 ) -> LevelSummary:
     ok = [o for o in outcomes if o.kind is Kind.ok]
     kinds = Counter(o.kind for o in outcomes)
@@ -114,12 +121,13 @@ def summarize(
         failures=dict(failures),
         finish_reasons=dict(Counter(str(o.finish_reason) for o in outcomes if o.http_status == 200)),
         samples=samples,
+        group=group,
     )
 
 
 @dataclass(frozen=True)
 class Ratio:
-    """ours / theirs at one concurrency level (throughput: higher is better for ours; TTFT: lower)."""
+    """ours / theirs at one concurrency level (throughput: higher is better for ours; latencies: lower)."""
 
     concurrency: int
     ok: str  # "ours ok/requests vs theirs ok/requests": a ratio over few successes says little
@@ -127,6 +135,13 @@ class Ratio:
     output_throughput: float | None
     ttft_p50: float | None
     ttft_p95: float | None
+    itl_p99: float | None = None
+    theirs: str = "peer"
+    group: str = ""
+
+    @property
+    def level(self) -> str:
+        return f"{self.concurrency} {self.group}" if self.group else str(self.concurrency)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -135,11 +150,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def ratios(ours: Sequence[LevelSummary], theirs: Sequence[LevelSummary]) -> list[Ratio]:
-    by_level = {s.concurrency: s for s in theirs}
+def ratios(ours: Sequence[LevelSummary], theirs: Sequence[LevelSummary], name: str = "peer") -> list[Ratio]:
+    by_level = {(s.concurrency, s.group): s for s in theirs}
     out = []
     for a in ours:
-        b = by_level.get(a.concurrency)
+        b = by_level.get((a.concurrency, a.group))
         if b is None:
             continue
         out.append(Ratio(
@@ -149,6 +164,9 @@ def ratios(ours: Sequence[LevelSummary], theirs: Sequence[LevelSummary]) -> list
             output_throughput=_ratio(a.output_throughput, b.output_throughput),
             ttft_p50=_ratio(a.ttft.p50 if a.ttft else None, b.ttft.p50 if b.ttft else None),
             ttft_p95=_ratio(a.ttft.p95 if a.ttft else None, b.ttft.p95 if b.ttft else None),
+            itl_p99=_ratio(a.itl.p99 if a.itl else None, b.itl.p99 if b.itl else None),
+            theirs=name,
+            group=a.group,
         ))
     return out
 
@@ -172,7 +190,7 @@ def render(summaries: Sequence[LevelSummary], compare: Sequence[Ratio] = ()) -> 
         ["server", "conc", "ok/req", "err", "empty", "trunc", "req/s", "out tok/s", "tokens", "TTFT p50",
          "TTFT p99", "TPOT p50", "E2E p50", "client cpu"],
         [
-            [s.target, str(s.concurrency), f"{s.ok}/{s.requests}", str(s.errors), str(s.empty), str(s.truncated),
+            [s.target, s.level, f"{s.ok}/{s.requests}", str(s.errors), str(s.empty), str(s.truncated),
              _fmt(s.request_throughput, 2), _fmt(s.output_throughput), f"{s.output_tokens} ({s.tokens_from})",
              _fmt(s.ttft.p50 if s.ttft else None), _fmt(s.ttft.p99 if s.ttft else None),
              _fmt(s.tpot.p50 if s.tpot else None, 2), _fmt(s.e2e.p50 if s.e2e else None, 0),
@@ -184,7 +202,7 @@ def render(summaries: Sequence[LevelSummary], compare: Sequence[Ratio] = ()) -> 
     for s in summaries:
         for name, d in (("TTFT", s.ttft), ("TPOT", s.tpot), ("ITL", s.itl), ("E2E", s.e2e)):
             if d is not None:
-                rows.append([s.target, str(s.concurrency), name, str(d.n), _fmt(d.mean, 2), _fmt(d.p50, 2),
+                rows.append([s.target, s.level, name, str(d.n), _fmt(d.mean, 2), _fmt(d.p50, 2),
                              _fmt(d.p90, 2), _fmt(d.p95, 2), _fmt(d.p99, 2), _fmt(d.max, 2)])
     out.append(_table(["server", "conc", "metric", "n", "mean", "p50", "p90", "p95", "p99", "max"], rows))
     failing = [s for s in summaries if s.failed or s.samples]
@@ -192,16 +210,16 @@ def render(summaries: Sequence[LevelSummary], compare: Sequence[Ratio] = ()) -> 
         out += ["", "failures:"]
         for s in failing:
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(s.failures.items()))
-            out.append(f"  {s.target} conc {s.concurrency}: {kinds}")
+            out.append(f"  {s.target} conc {s.level}: {kinds}")
             out += [f"    {line}" for line in s.samples]
-    reasons = [f"  {s.target} conc {s.concurrency}: "
+    reasons = [f"  {s.target} conc {s.level}: "
                + (", ".join(f"{k} {v}" for k, v in sorted(s.finish_reasons.items())) or "(no 200 replies)")
                for s in summaries]
     out += ["", "finish reasons (HTTP 200 replies):", *reasons]
     if compare:
-        out += ["", "ours / theirs (throughput: > 1 is better for ours; TTFT: < 1 is better for ours):", _table(
-            ["conc", "ok", "req/s", "out tok/s", "TTFT p50", "TTFT p95"],
-            [[str(r.concurrency), r.ok, _fmt(r.request_throughput, 2), _fmt(r.output_throughput, 2),
-              _fmt(r.ttft_p50, 3), _fmt(r.ttft_p95, 3)] for r in compare],
+        out += ["", "ours / theirs (throughput: > 1 is better for ours; latencies: < 1 is better for ours):", _table(
+            ["vs", "conc", "ok", "req/s", "out tok/s", "TTFT p50", "TTFT p95", "ITL p99"],
+            [[r.theirs, r.level, r.ok, _fmt(r.request_throughput, 2), _fmt(r.output_throughput, 2),
+              _fmt(r.ttft_p50, 3), _fmt(r.ttft_p95, 3), _fmt(r.itl_p99, 3)] for r in compare],
         )]
     return "\n".join(out)

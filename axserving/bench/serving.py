@@ -33,15 +33,15 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
 import orjson
 
 from axserving.bench import workload
-from axserving.bench.client import Call, Outcome, send
-from axserving.bench.options import BenchConfig, Target, add_arguments, config_from_args
+from axserving.bench.client import Call, Kind, Outcome, send
+from axserving.bench.options import BenchConfig, Target, Workload, add_arguments, config_from_args
 from axserving.bench.report import LevelSummary, Ratio, ratios, render, summarize
 
 SETTLE_S = 0.5  # between runs, so one server's tail does not overlap the other's start
@@ -55,6 +55,7 @@ def _call(cfg: BenchConfig, target: Target) -> Call:
     return Call(
         url=target.v1 + workload.path(cfg), headers=headers, chat=cfg.endpoint.value == "chat",
         stream=cfg.stream, max_tokens=cfg.max_tokens, ignore_eos=cfg.ignore_eos,
+        keep_text=cfg.workload is Workload.chat_shared_prefix,
     )
 
 
@@ -63,36 +64,128 @@ class _Run:
     outcomes: list[Outcome]
     duration_s: float
     cpu_s: float
+    next_index: int  # the first request index the next round may use
+
+
+class _Quota:
+    """Hands out a level's request indices until its count or its deadline is reached."""
+
+    def __init__(self, first: int, count: int | None, deadline: float | None) -> None:
+        self.first, self.next, self.count, self.deadline = first, first, count, deadline
+
+    def take(self) -> int | None:
+        if self.count is not None and self.next - self.first >= self.count:
+            return None
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            return None
+        index, self.next = self.next, self.next + 1
+        return index
 
 
 async def run_level(
     client: httpx.AsyncClient, cfg: BenchConfig, target: Target, concurrency: int, first_index: int
 ) -> _Run:
-    """``concurrency`` workers sending requests back to back until the count (or duration) is
-    reached; request indices start at ``first_index``."""
+    """One level of ``cfg.workload`` against ``target``: ``concurrency`` workers (or requests in
+    flight, or conversations) until the count (or duration) is reached; request indices start
+    at ``first_index``."""
     call = _call(cfg, target)
     outcomes: list[Outcome] = []
-    count = cfg.requests_for(concurrency) if cfg.duration_s is None else None
-    next_index = first_index
     t0 = time.perf_counter()
-    deadline = t0 + cfg.duration_s if cfg.duration_s is not None else None
+    count = cfg.requests_for(concurrency) if cfg.duration_s is None else None
+    quota = _Quota(first_index, count, t0 + cfg.duration_s if cfg.duration_s is not None else None)
+    last_index = first_index - 1
 
-    async def worker() -> None:
-        nonlocal next_index
+    async def one(index: int, group: str = "", **body: Any) -> Outcome:
+        nonlocal last_index
+        if not group:
+            last_index = max(last_index, index)
+        outcome = await send(client, call, index, workload.request_body(cfg, target, index, **body))
+        outcome.group = group
+        outcomes.append(outcome)
+        return outcome
+
+    async def closed_worker() -> None:
+        while (index := quota.take()) is not None:
+            await one(index)
+
+    async def open_loop() -> None:
+        in_flight = asyncio.Semaphore(concurrency)
+        gaps = workload.arrival_gaps(cfg, first_index)
+        arrival = time.perf_counter()
+
+        async def admitted(index: int) -> None:
+            try:
+                await one(index)
+            finally:
+                in_flight.release()
+
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                arrival += next(gaps)
+                await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
+                await in_flight.acquire()  # at the cap, the arrival waits for a request to end
+                index = quota.take()
+                if index is None:
+                    in_flight.release()
+                    return
+                tg.create_task(admitted(index), name=f"bench-{target.name}-r{index}")
+
+    system = workload.system_prompt(cfg.system_words)
+    conversations = iter(range(1_000_000))
+
+    async def conversation_worker() -> None:
+        # Each conversation's prompts come from its own indices, so every server sees the same
+        # user turns whatever order the workers pick conversations up in.
         while True:
-            if count is not None and next_index - first_index >= count:
+            k = next(conversations)
+            messages = [{"role": "system", "content": system}]
+            for turn in range(cfg.turns):
+                if quota.take() is None:
+                    return
+                index = first_index + k * cfg.turns + turn
+                messages.append({"role": "user", "content": workload.prompt_text(index, cfg.prompt_words)})
+                outcome = await one(index, messages=list(messages))
+                if outcome.kind is not Kind.ok:
+                    break  # a broken turn ends the conversation; the next one starts afresh
+                messages.append({"role": "assistant", "content": outcome.text})
+
+    shorts_done = asyncio.Event()
+
+    async def long_prompt_worker() -> None:
+        k = 0
+        while not shorts_done.is_set():
+            try:
+                await asyncio.wait_for(shorts_done.wait(), cfg.long_interval_s)
                 return
-            if deadline is not None and time.perf_counter() >= deadline:
-                return
-            index = next_index
-            next_index += 1
-            outcomes.append(await send(client, call, index, workload.request_body(cfg, target, index)))
+            except TimeoutError:
+                pass
+            await one(workload.LONG_INDEX + first_index + k, "long", words=cfg.long_words,
+                      max_tokens=cfg.long_max_tokens)
+            k += 1
+
+    async def shorts(worker: Callable[[], Awaitable[None]]) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for w in range(concurrency):
+                    tg.create_task(worker(), name=f"bench-{target.name}-c{concurrency}-w{w}")
+        finally:
+            shorts_done.set()
 
     cpu0 = time.process_time()
-    async with asyncio.TaskGroup() as tg:
-        for w in range(concurrency):
-            tg.create_task(worker(), name=f"bench-{target.name}-c{concurrency}-w{w}")
-    return _Run(sorted(outcomes, key=lambda o: o.index), time.perf_counter() - t0, time.process_time() - cpu0)
+    if cfg.rate is not None:
+        await open_loop()
+    elif cfg.workload is Workload.chat_shared_prefix:
+        await shorts(conversation_worker)
+    elif cfg.workload is Workload.long_prompts:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(shorts(closed_worker))
+            tg.create_task(long_prompt_worker())
+    else:
+        await shorts(closed_worker)
+    return _Run(
+        sorted(outcomes, key=lambda o: o.index), time.perf_counter() - t0, time.process_time() - cpu0,
+        max(quota.next, last_index + 1),
+    )
 
 
 async def warm_up(client: httpx.AsyncClient, cfg: BenchConfig, target: Target) -> None:
@@ -141,29 +234,34 @@ async def run(cfg: BenchConfig) -> BenchResult:
         turn = 0
         for concurrency in cfg.concurrency:
             for rnd in range(cfg.rounds):
-                order = cfg.targets if turn % 2 == 0 else tuple(reversed(cfg.targets))
+                # The order rotates level by level and round by round: no server always goes first.
+                shift = turn % len(cfg.targets)
+                order = cfg.targets[shift:] + cfg.targets[:shift]
                 turn += 1
                 for target in order:
                     await asyncio.sleep(SETTLE_S)
                     r = await run_level(client, cfg, target, concurrency, next_index[target.name])
-                    next_index[target.name] += len(r.outcomes)
+                    next_index[target.name] = r.next_index
                     runs.setdefault((target.name, concurrency), []).append(r)
                     bad = sum(o.kind.value != "ok" for o in r.outcomes)
                     _progress(cfg, f"[{target.name}] conc {concurrency} round {rnd + 1}/{cfg.rounds}: "
                                    f"{len(r.outcomes)} requests in {r.duration_s:.1f} s, {bad} failed")
-    summaries = [
-        summarize(
-            target.name, concurrency, cfg.rounds,
-            [o for r in runs[(target.name, concurrency)] for o in r.outcomes],
-            sum(r.duration_s for r in runs[(target.name, concurrency)]),
-            sum(r.cpu_s for r in runs[(target.name, concurrency)]),
-        )
-        for target in cfg.targets
-        for concurrency in cfg.concurrency
-    ]
+    summaries = []
+    for target in cfg.targets:
+        for concurrency in cfg.concurrency:
+            level = runs[(target.name, concurrency)]
+            outcomes = [o for r in level for o in r.outcomes]
+            duration = sum(r.duration_s for r in level)
+            cpu = sum(r.cpu_s for r in level)
+            for group in sorted({o.group for o in outcomes} | {""}):
+                summaries.append(summarize(
+                    target.name, concurrency, cfg.rounds, [o for o in outcomes if o.group == group], duration, cpu,
+                    group=group,
+                ))
     result = BenchResult(cfg, summaries, [])
-    if len(cfg.targets) == 2:
-        result.ratios = ratios(result.for_target(cfg.targets[0].name), result.for_target(cfg.targets[1].name))
+    ours = cfg.targets[0].name
+    for peer in cfg.targets[1:]:
+        result.ratios += ratios(result.for_target(ours), result.for_target(peer.name), peer.name)
     return result
 
 

@@ -15,10 +15,10 @@ import orjson
 import pytest
 
 from axserving.bench.client import Call, Kind, send
-from axserving.bench.options import BenchConfig, Endpoint, Target
+from axserving.bench.options import BenchConfig, Endpoint, Target, Workload, add_arguments, config_from_args
 from axserving.bench.report import LevelSummary, percentile
 from axserving.bench.serving import main, run_sync
-from axserving.bench.workload import max_tokens_for, prompt_text, request_body
+from axserving.bench.workload import arrival_gaps, max_tokens_for, prompt_text, request_body, system_prompt
 from axserving.cli import build_parser
 from tests.server import run_server
 
@@ -114,6 +114,7 @@ def test_cli_writes_json_and_exits_zero(tmp_path: Path, capsys: pytest.CaptureFi
 # --- a tiny misbehaving server: the request's "model" picks the misbehaviour --------------------
 
 GOOD_TOKENS = 16
+RECEIVED: list[dict[str, object]] = []  # every body the misbehaving server was sent, in order
 
 
 def _sse(obj: object) -> bytes:
@@ -157,6 +158,7 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
                 if name.strip().lower() == b"content-length":
                     length = int(value)
             body = orjson.loads(await reader.readexactly(length))
+            RECEIVED.append(body)
             model = body["model"]
             if model == "http-503":
                 msg = b'{"error": {"message": "busy"}}'
@@ -273,3 +275,120 @@ def test_empty_peer_is_failures_not_fast_requests(capsys: pytest.CaptureFixture[
 def test_failures_of_the_server_under_test_exit_1() -> None:
     with misbehaving_server() as url:
         assert main(["--url", url, "--model", "short", "--concurrency", "1", "--num-requests", "2", "--quiet"]) == 1
+
+
+# --- workloads ---------------------------------------------------------------------------------
+
+
+def _parse(*argv: str) -> BenchConfig:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return config_from_args(p.parse_args(["--url", "http://127.0.0.1:1", *argv]))
+
+
+def test_workload_presets_and_their_errors() -> None:
+    assert (_parse().max_tokens, _parse().prompt_words, _parse().max_tokens_spread) == (128, 64, 0.0)
+    chat = _parse("--workload", "chat-shared-prefix")
+    assert chat.workload is Workload.chat_shared_prefix and (chat.max_tokens, chat.prompt_words) == (64, 24)
+    assert _parse("--workload", "chat-shared-prefix", "--max-tokens", "9").max_tokens == 9  # a flag beats the preset
+    poisson = _parse("--workload", "poisson", "--rate", "2.5")
+    assert poisson.rate == 2.5 and poisson.max_tokens_spread == 0.75
+    for argv, message in (
+        (("--workload", "poisson"), "needs --rate"),
+        (("--workload", "long-prompts", "--rate", "1"), "--rate applies"),
+        (("--workload", "chat-shared-prefix", "--endpoint", "completions"), "needs --endpoint chat"),
+        (("--compare", "http://a", "--compare-name", "x", "--compare-name", "y"), "2 --compare-name for 1"),
+        (("--compare", "http://a", "--compare-name", "ours"), "must differ"),
+        (("--turns", "0"), "--turns = 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            _parse(*argv)
+    three = _parse("--compare", "http://a", "--compare", "http://b", "--compare-name", "llama-server")
+    assert [(t.name, t.url) for t in three.targets] == [
+        ("ours", "http://127.0.0.1:1"), ("llama-server", "http://a"), ("peer2", "http://b")]
+
+
+def test_arrivals_are_exponential_and_the_same_on_every_server() -> None:
+    t = Target("ours", "http://127.0.0.1:1", "default", None)
+    cfg = config(t, rate=4.0)
+    gaps = arrival_gaps(cfg, 0)
+    drawn = [next(gaps) for _ in range(4000)]
+    again = arrival_gaps(cfg, 0)
+    assert drawn[:50] == [next(again) for _ in range(50)]
+    assert 0.23 < sum(drawn) / len(drawn) < 0.27  # mean 1/rate
+    later = arrival_gaps(cfg, 100)
+    assert next(later) != drawn[0]  # the next round is not a replay of this one
+
+
+def test_open_loop_keeps_arrivals_and_caps_requests_in_flight() -> None:
+    """Poisson arrivals: every request is sent and answered, and no more than the concurrency are
+    in flight at once, however fast they arrive."""
+    with misbehaving_server() as url:
+        t = Target("ours", url, "good", None)
+        RECEIVED.clear()
+        fast = run_sync(config(t, concurrency=(2,), num_requests=12, rate=1000.0, warmup=0))
+        slow = run_sync(config(t, concurrency=(8,), num_requests=6, rate=20.0, warmup=0))
+    (s,) = fast.summaries
+    assert s.ok == 12 and len(RECEIVED) == 18
+    (r,) = slow.summaries
+    assert r.ok == 6
+    # At 20/s for 6 arrivals the level lasts about 0.3 s of gaps (exponential, seeded): not a burst.
+    assert r.duration_s > sum(next(g) for g in [arrival_gaps(slow.config, 0)] for _ in range(5)) * 0.9
+
+
+def test_chat_shared_prefix_sends_history_back_with_the_shared_system_prompt() -> None:
+    with misbehaving_server() as url:
+        t = Target("ours", url, "good", None)
+        RECEIVED.clear()
+        result = run_sync(config(t, concurrency=(2,), workload=Workload.chat_shared_prefix, turns=3,
+                                 num_requests=6, warmup=0, system_words=50))
+    (s,) = result.summaries
+    assert s.ok == 6 and s.group == ""
+    system = system_prompt(50)
+    convs: dict[str, list[list[dict[str, str]]]] = {}
+    for body in RECEIVED:
+        messages = body["messages"]
+        assert isinstance(messages, list) and messages[0] == {"role": "system", "content": system}
+        convs.setdefault(messages[1]["content"], []).append(messages)
+    assert len(convs) == 2 and all(len(turns) == 3 for turns in convs.values())
+    reply = "".join(f"t{i} " for i in range(GOOD_TOKENS - 1)) + "end"
+    for turns in convs.values():
+        assert [len(m) for m in turns] == [2, 4, 6]
+        for m in turns[1:]:
+            assert m[2] == {"role": "assistant", "content": reply}  # the server's own reply goes back
+            assert turns[-1][: len(m)] == m  # each turn extends the last
+
+
+def test_long_prompts_arrive_among_short_streams_and_are_reported_apart(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=5") as server:
+        t = Target("ours", server.url, "default", server.api_key)
+        result = run_sync(config(t, concurrency=(2,), num_requests=8, workload=Workload.long_prompts,
+                                 long_words=300, long_interval_s=0.05, long_max_tokens=4))
+    short, long = result.summaries
+    assert (short.group, long.group) == ("", "long") and long.level == "2 long"
+    assert short.ok == 8 and short.output_tokens == 8 * 16
+    assert long.ok >= 1 and long.failed == 0 and long.output_tokens == 4 * long.ok
+
+
+def test_three_servers_rotate_and_each_peer_gets_ratios() -> None:
+    with misbehaving_server() as url:
+        targets = (Target("ours", url, "good", None), Target("a", url, "good", None), Target("b", url, "empty", None))
+        RECEIVED.clear()
+        result = run_sync(config(*targets, concurrency=(1, 2), num_requests=2, rounds=2, warmup=0))
+    assert [(r.theirs, r.concurrency) for r in result.ratios] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    assert all(r.output_throughput is not None and r.itl_p99 is not None for r in result.ratios[:2])
+    assert all(r.output_throughput is None for r in result.ratios[2:])
+    # The order rotates turn by turn: the empty server ("b") went first, second and third once each.
+    models = [b["model"] for b in RECEIVED]
+    assert len(models) == 3 * 2 * 2 * 2
+    firsts = [models[k * 6] for k in range(4)]
+    assert firsts[:3].count("empty") == 1
+    assert "ITL p99" in render_of(result)
+
+
+def render_of(result: object) -> str:
+    from axserving.bench.report import render
+
+    return render(result.summaries, result.ratios)  # type: ignore[attr-defined]
