@@ -6,9 +6,11 @@ tests can check without a model:
 - :class:`SlotTable`: which KV-cache sequence id ("slot") a new request runs in, and how much of
   its prompt is already in the cache. A finished request's slot keeps its KV as an idle cache
   entry; the next request that shares a prefix with it (the same system prompt, the next turn of
-  a chat) reuses those positions instead of recomputing them, either in place or by sharing the
-  cells of another slot, running or idle (``llama_memory_seq_cp`` in a unified KV cache shares
-  cells, it does not copy them).
+  a chat) reuses those positions instead of recomputing them, either in place or from a running
+  slot (``llama_memory_seq_cp`` in a unified KV cache shares cells; in a split one it copies the
+  donor's buffer, so only a long prefix is taken that way). Requests that arrive together on one
+  long prefix do not all compute it: the first does, the others wait for it
+  (:meth:`SlotTable.worth_waiting`) and start from its KV.
 - :func:`share_budget`: how one step's token budget is split. Every decoding sequence feeds its
   one token first, so running streams never stall behind a long prompt; prompts are prefilled in
   admission order with what is left (chunked prefill).
@@ -70,13 +72,19 @@ class Placement:
 class SlotTable:
     """Which slots run a request, which hold an idle cache entry, and which are empty."""
 
-    def __init__(self, n_slots: int, share: bool = True) -> None:
-        """``share``: slots may start from another slot's cells (a unified KV cache). Without
-        it a prefix is only reused in place, from the slot's own idle cache entry."""
+    def __init__(self, n_slots: int, share: bool = True, min_share: int = 1, min_wait: int = 64) -> None:
+        """``share``: slots may start from a running slot's KV. Without it a prefix is only
+        reused in place, from the slot's own idle cache entry. ``min_share``: the shortest
+        prefix worth taking from a running slot (a unified KV cache shares cells for free; a
+        split one copies the donor's whole buffer, worth it only for a long prefix).
+        ``min_wait``: the fewest tokens a request waits to take from a sequence still
+        prefilling them (see :meth:`worth_waiting`)."""
         if n_slots < 1:
             raise ValueError("n_slots must be at least 1")
         self.n_slots = n_slots
         self.share = share
+        self.min_share = max(1, min_share)
+        self.min_wait = max(self.min_share, min_wait)
         self._running: set[int] = set()
         # Idle slots -> the tokens their KV holds, least recently used first (dicts keep order).
         self._cache: dict[int, list[int]] = {}
@@ -102,18 +110,7 @@ class SlotTable:
         """
         if not self.has_free():
             raise RuntimeError("no free slot")
-        limit = len(prompt) - 1
-        best_donor, best, best_cost = None, 0, 0
-        candidates: list[tuple[int, Sequence[int], int]] = [(s, kv, len(kv)) for s, kv in self._cache.items()]
-        if self.share:
-            candidates += [(slot, kv, n) for slot, (kv, n) in running_kv.items()]
-        for slot, kv, n_kv in candidates:
-            n = min(common_prefix(prompt, kv, n_kv), limit)
-            # Of equal prefixes, the one kept in place where the request joins a run of running
-            # slots (sharing from a running slot lands in a free slot, placed the same way).
-            cost = self._new_runs(slot) if slot in self._cache else 0
-            if n > best or (n == best and n > 0 and cost < best_cost):
-                best_donor, best, best_cost = slot, n, cost
+        best_donor, best = self._best(prompt, running_kv)
         if best_donor is not None and best_donor in self._cache:
             target = best_donor  # reuse in place: nothing to share, the rest is dropped
         else:
@@ -121,6 +118,45 @@ class SlotTable:
         self._cache.pop(target, None)
         self._running.add(target)
         return Placement(target, best_donor, best)
+
+    def _best(
+        self, prompt: Sequence[int], running_kv: Mapping[int, tuple[Sequence[int], int]]
+    ) -> tuple[int | None, int]:
+        """The slot holding the longest prefix of ``prompt`` that a request can start from now,
+        and its length (at most all but the last prompt token)."""
+        limit = len(prompt) - 1
+        best_donor, best, best_cost = None, 0, 0
+        candidates: list[tuple[int, Sequence[int], int]] = [(s, kv, len(kv)) for s, kv in self._cache.items()]
+        if self.share:
+            candidates += [(slot, kv, n) for slot, (kv, n) in running_kv.items()]
+        for slot, kv, n_kv in candidates:
+            n = min(common_prefix(prompt, kv, n_kv), limit)
+            if slot not in self._cache and n < self.min_share:
+                continue  # a running donor's prefix too short to be worth taking
+            # Of equal prefixes, the one kept in place where the request joins a run of running
+            # slots (sharing from a running slot lands in a free slot, placed the same way).
+            cost = self._new_runs(slot) if slot in self._cache else 0
+            if n > best or (n == best and n > 0 and cost < best_cost):
+                best_donor, best, best_cost = slot, n, cost
+        return best_donor, best
+
+    def worth_waiting(self, prompt: Sequence[int], running_kv: Mapping[int, tuple[Sequence[int], int]]) -> bool:
+        """Whether ``prompt`` should wait to be placed: a running sequence still prefilling
+        shares a prefix with it at least ``min_share`` tokens longer than any KV holds now (many
+        conversations on one system prompt arriving together: one computes it, the rest start
+        from its KV instead of all computing it side by side). The wait ends when that prefix is
+        in (or the sequence is gone), so it is bounded by one prefill."""
+        if not self.share:
+            return False
+        limit = len(prompt) - 1
+        _, now = self._best(prompt, running_kv)
+        for tokens, n in running_kv.values():
+            if n >= limit or n >= len(tokens) - 1:
+                continue  # holds all it will share, or is decoding: nothing to wait for
+            shared = common_prefix(prompt, tokens, limit)
+            if n < shared and shared - now >= self.min_wait:
+                return True
+        return False
 
     def _new_runs(self, slot: int) -> int:
         """How many runs of running slots starting a request in ``slot`` adds (1, 0 or -1)."""

@@ -68,12 +68,12 @@ class ChoiceBackend(Backend):
     (submit, has_work, occupancy, held KV). A runtime sets ``_tok``, ``_n_ctx`` and
     ``_max_piece`` in ``load`` and implements the rest."""
 
-    def __init__(self, config: BackendConfig, share: bool) -> None:
+    def __init__(self, config: BackendConfig, share: bool, min_share: int = 1) -> None:
         super().__init__(config)
         self._tok: Tokenizer | None = None
         self._n_ctx = 0
         self._max_piece = 1
-        self._slots = SlotTable(max(1, config.max_batch), share=share)
+        self._slots = SlotTable(max(1, config.max_batch), share=share, min_share=min_share)
         self._waiting: deque[Choice] = deque()
         self._running: list[Choice] = []  # in admission order
 

@@ -57,7 +57,11 @@ class LlamaCppBackend(ChoiceBackend):
     name = "llama_cpp"
 
     def __init__(self, config: BackendConfig) -> None:
-        super().__init__(config, share=config.kv_unified)  # split caches copy whole sequences only
+        # A split cache copies a donor's whole buffer (n_ctx cells of every layer) to share a
+        # prefix: a few ms, against tens of ms per prompt token computed, so worth it from a
+        # prefix of n_ctx / 32 tokens (128 of 4096) on; a unified one shares cells for free.
+        min_share = 1 if config.kv_unified else max(64, config.n_ctx // 32)
+        super().__init__(config, share=True, min_share=min_share)
         self._llama: llama_cpp.Llama | None = None
         self._ctx: llama_cpp.llama_context_p | None = None
         self._memory: llama_cpp.llama_memory_t | None = None
@@ -152,6 +156,7 @@ class LlamaCppBackend(ChoiceBackend):
     def _admit(self) -> None:
         """Start waiting requests while there are free slots (FIFO; preempted ones first)."""
         slots = self._slots
+        later: list[Choice] = []  # waiting for a prefix a running sequence is computing
         while self._waiting and not self._admit_blocked:
             seq = self._waiting[0]
             if slots.n_slots - slots.running < 1 + len(seq.followers):
@@ -162,6 +167,9 @@ class LlamaCppBackend(ChoiceBackend):
                 reuse = self._place_kv(place.slot, None, 0)
             else:
                 running_kv = {s.slot: (s.tokens, s.n_past) for s in self._running}
+                if slots.worth_waiting(seq.tokens, running_kv):
+                    later.append(seq)
+                    continue
                 place = slots.place(seq.tokens, running_kv)
                 reuse = self._place_kv(place.slot, place.donor, place.reuse)
             seq.slot = place.slot
@@ -174,6 +182,7 @@ class LlamaCppBackend(ChoiceBackend):
                 llama_cpp.llama_memory_seq_rm(self._memory, f.slot, -1, -1)
                 f.sampler = f.sampler or self._sampler(f)
             self._running.append(seq)
+        self._waiting.extendleft(reversed(later))  # still first in line, in their order
 
     def _sampler(self, seq: Choice) -> SamplerChain:
         return SamplerChain(seq.params, self._n_vocab, seq.out.gen.logit_bias)
@@ -196,8 +205,13 @@ class LlamaCppBackend(ChoiceBackend):
         else:
             llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
             kept = donor is not None and reuse > 0
-            if kept:
+            if kept and self.config.kv_unified:
                 llama_cpp.llama_memory_seq_cp(mem, donor, slot, 0, reuse)
+            elif kept:
+                # Split: one stream copies only whole (the copy is made at the next decode,
+                # of the donor as it is now); then the donor's tail is dropped here.
+                llama_cpp.llama_memory_seq_cp(mem, donor, slot, -1, -1)
+                kept = llama_cpp.llama_memory_seq_rm(mem, slot, reuse, -1)
         # Reuse only a whole prefix: not if the cache cannot drop a tail (recurrent state), nor
         # if it has let go of early positions (sliding-window layers keep only the window).
         if kept and reuse > 0 and llama_cpp.llama_memory_seq_pos_min(mem, slot) == 0:

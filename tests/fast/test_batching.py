@@ -168,3 +168,41 @@ def test_misses_never_split_runs_when_a_joining_slot_is_empty(ops: list[tuple[bo
             slot = sorted(running)[k % len(running)]
             t.release(slot, None)
             running.discard(slot)
+
+
+def test_a_short_prefix_is_not_taken_from_a_running_slot_below_min_share() -> None:
+    """A split KV cache copies the donor's whole buffer: only a long prefix is worth it."""
+    t = SlotTable(3, min_share=64)
+    system = list(range(100))
+    running = t.place(system + [1], {})
+    kv = {running.slot: (system + [1], 101)}
+    assert t.place(system[:40] + [2], kv) == Placement(1, None, 0)  # 40 shared: computed afresh
+    assert t.place(system + [3], kv) == Placement(2, running.slot, 100)
+
+
+def test_requests_on_a_prefix_being_prefilled_wait_for_it_then_share_it() -> None:
+    t = SlotTable(4, min_share=64, min_wait=64)
+    system = list(range(300))
+    leader = t.place(system + [1, 2], {})
+    follower = system + [7, 8]
+    # The leader has computed 100 of the 300 shared tokens: the follower would compute the
+    # other 200 itself beside it, so it waits.
+    assert t.worth_waiting(follower, {leader.slot: (system + [1, 2], 100)})
+    # Once the shared prefix is in, it no longer waits, and starts from the leader's KV.
+    kv = {leader.slot: (system + [1, 2], 300)}
+    assert not t.worth_waiting(follower, kv)
+    assert t.place(follower, kv) == Placement(1, leader.slot, 300)
+
+
+def test_no_wait_for_a_short_gain_a_decoding_sequence_or_without_sharing() -> None:
+    t = SlotTable(4, min_share=1, min_wait=64)
+    system = list(range(300))
+    leader = t.place(system + [1], {})
+    assert not t.worth_waiting(system[:50] + [9], {leader.slot: (system + [1], 10)})  # gain 40 < 64
+    assert not t.worth_waiting([9] * 400, {leader.slot: (system + [1], 10)})  # nothing shared
+    decoding = system + [1, 5, 6]
+    assert not t.worth_waiting(system + [2], {leader.slot: (decoding, len(decoding) - 1)})
+    # An idle entry already holding the prefix: nothing to gain by waiting.
+    t.release(t.place(system + [3], {}).slot, system + [3])
+    assert not t.worth_waiting(system + [4], {leader.slot: (system + [1], 10)})
+    assert not SlotTable(4, share=False).worth_waiting(system + [2], {0: (system + [1], 10)})

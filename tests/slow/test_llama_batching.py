@@ -164,6 +164,30 @@ def test_concurrent_requests_share_a_prefix_with_a_running_one(unified: LlamaCpp
     assert got[900][-1].finish_reason is not None
 
 
+def test_requests_arriving_together_on_a_long_system_prompt_compute_it_once(backend: LlamaCppBackend) -> None:
+    """Split caches (the default): one request computes the shared prompt, the others wait for it
+    and start from a copy of its KV; every reply is its own prompt's."""
+    system = "You are a careful librarian. Recommend one book, and say why in a sentence. " * 6
+    n_system = len(backend._tok.encode(system, special=True))
+    assert n_system > backend._slots.min_wait + 10
+    together = run(backend, [chat(950 + i, PROMPTS[i], system=system, max_tokens=24) for i in range(3)])
+    cached = sorted(together[950 + i][-1].cached_tokens for i in range(3))
+    assert cached[0] < n_system // 2  # the one that computed it (maybe the template head came cached)
+    assert all(c >= n_system for c in cached[1:]), cached
+    alone = {}
+    for i in range(3):  # an idle entry holds the prompt now, so each of these reuses it too
+        alone[i] = text(run(backend, [chat(960 + i, PROMPTS[i], system=system, max_tokens=24)])[960 + i])
+    for i in range(3):
+        # A prefix computed in other chunks (by another request, or as a cache entry) can round
+        # differently in the last bits, as any reused prefix can: a greedy reply may fork late,
+        # at a near tie, but it is this prompt's reply and no other's.
+        batched = text(together[950 + i])
+        assert agree(batched, alone[i]) >= min(8, len(alone[i])), (batched, alone[i])
+        for j in range(3):
+            if j != i:
+                assert agree(batched, alone[j]) < agree(batched, alone[i]) or alone[j] == alone[i]
+
+
 def test_the_next_chat_turn_reuses_the_previous_turn(backend: LlamaCppBackend) -> None:
     q1 = "Name a colour."
     turn1 = run(backend, [chat(1000, q1, max_tokens=16)])[1000]
