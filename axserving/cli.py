@@ -41,6 +41,15 @@ def _backend_option(raw: str) -> tuple[str, str]:
     return key, value
 
 
+def _max_batch_arg(raw: str) -> int | str:
+    if raw == "auto":
+        return raw
+    try:
+        return int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {raw!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="axserving", description="OpenAI-compatible LLM serving plane")
     parser.add_argument("--version", action="version", version=f"axserving {__version__}")
@@ -61,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML settings file (default: $AXS_CONFIG, then config/serving.yaml)")
     run.add_argument("--threads", type=int, help="engine CPU threads (default: all cores)")
     run.add_argument("--ctx-size", type=int, help="context length in tokens (default: 4096)")
-    run.add_argument("--max-batch", type=int, help="sequences generated together per engine step (default: 8)")
+    run.add_argument(
+        "--max-batch", type=_max_batch_arg,
+        help="sequences generated together per engine step, or auto (default: auto, 16 or fewer to fit memory)",
+    )
     run.add_argument(
         "--batch-size", type=int,
         help="tokens per engine step: running streams' next tokens, then prompt chunks (default: 512)",
@@ -112,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="load generator against an OpenAI-compatible URL: TTFT, TPOT, ITL, throughput, failures",
     )
     bench_options.add_arguments(serve)
+    serve.add_argument("--plot", metavar="PNG", help="also draw throughput and latency against concurrency here")
+    serve.add_argument("--baseline", metavar="JSON",
+                       help="a saved --json result: exit 1 when this run is worse by more than --tolerance")
+    serve.add_argument("--tolerance", type=float, default=0.10, help="with --baseline: allowed worsening (default 0.10)")
+    soak = bsub.add_parser("soak", help="steady load for --duration: throughput, p95 and RSS per window, and their drift")
+    from axserving.bench.soak import add_soak_arguments
+
+    add_soak_arguments(soak)
+    check = bsub.add_parser(
+        "regression-check", help="fail (exit 1) when a bench result is worse than a baseline beyond a tolerance",
+    )
+    check.add_argument("baseline", help="the saved `bench serve --json` result to hold to")
+    check.add_argument("current", help="the new result")
+    check.add_argument("--tolerance", type=float, default=0.10, help="allowed worsening per metric (default 0.10)")
     return parser
 
 
@@ -344,6 +370,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     # Imported here: the HTTP client and the bench are not needed to serve.
+    if args.bench_command == "soak":
+        from axserving.bench import soak
+
+        env_key = (os.environ.get("AXS_API_KEY") or "").split(",")[0].strip() or None
+        return soak.main_with_args(args, env_key)
+    if args.bench_command == "regression-check":
+        import orjson
+
+        from axserving.bench import regress
+
+        try:
+            with open(args.current, "rb") as f:
+                current = orjson.loads(f.read())
+            report, regressed = regress.check_files(args.baseline, current, args.tolerance)
+        except (OSError, orjson.JSONDecodeError) as e:
+            print(f"bench regression-check: error: {e}", file=sys.stderr)
+            return 2
+        print(report)
+        return 1 if regressed else 0
     from axserving.bench.serving import main_with_args
 
     return main_with_args(args)

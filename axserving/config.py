@@ -67,6 +67,8 @@ class SamplingDefaults(msgspec.Struct, **_STRICT):
 CtxSize = Annotated[int, msgspec.Meta(ge=64, le=1 << 20)]
 BatchSize = Annotated[int, msgspec.Meta(ge=1, le=65536)]
 MaxBatch = Annotated[int, msgspec.Meta(ge=1, le=256)]
+# "auto": sized to the machine's memory when the model is resolved (axserving.models.memory).
+MaxBatchSetting = MaxBatch | Literal["auto"]
 MemorySize = int | str  # bytes, or "8GiB", "512MB", ...
 
 
@@ -77,7 +79,7 @@ class ModelDefaults(msgspec.Struct, **_STRICT):
     threads: NonNegative = 0  # 0: all cores
     ctx_size: CtxSize = 4096
     batch_size: BatchSize = 512
-    max_batch: MaxBatch = 8
+    max_batch: MaxBatchSetting = "auto"
     kv_unified: bool = False
     backend_options: dict[str, str] = {}
     idle_timeout_secs: NonNegative = 0  # 0: never unloaded for idleness
@@ -94,7 +96,7 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     threads: NonNegative | None = None
     ctx_size: CtxSize | None = None
     batch_size: BatchSize | None = None
-    max_batch: MaxBatch | None = None
+    max_batch: MaxBatchSetting | None = None
     kv_unified: bool | None = None
     backend_options: dict[str, str] | None = None
     idle_timeout_secs: NonNegative | None = None
@@ -118,7 +120,7 @@ class OverloadPolicy(str, enum.Enum):
 
 
 class SchedulerSettings(msgspec.Struct, **_STRICT):
-    max_inflight: Positive = 16
+    max_inflight: Positive = 64
     max_queue: NonNegative = 128
     max_wait_ms: Positive = 120_000
     overload_policy: OverloadPolicy = OverloadPolicy.queue

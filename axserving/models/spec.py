@@ -139,7 +139,7 @@ def resolve(
         n_ctx=pick(entry.ctx_size, defaults.ctx_size),  # type: ignore[arg-type]
         n_threads=pick(entry.threads, defaults.threads),  # type: ignore[arg-type]
         n_batch=pick(entry.batch_size, defaults.batch_size),  # type: ignore[arg-type]
-        max_batch=pick(entry.max_batch, defaults.max_batch),  # type: ignore[arg-type]
+        max_batch=_max_batch(pick(entry.max_batch, defaults.max_batch), info, entry, defaults),
         kv_unified=pick(entry.kv_unified, defaults.kv_unified),  # type: ignore[arg-type]
         embeddings=entry.enable_embeddings,
         pooling=entry.pooling or "",
@@ -232,6 +232,16 @@ def _check_format(path: Path, backend: str, fmt: ModelFormat) -> None:
     missing = known.missing()
     if missing is not None:
         raise UnprocessableRequest(missing, param="backend", code="backend_unavailable")
+
+
+def _max_batch(value: object, info: gguf.GGUFInfo | None, entry: ModelConfig, defaults: ModelDefaults) -> int:
+    """The model's max_batch: as set, or for "auto" sized to the machine's memory."""
+    if value != "auto":
+        return int(value)  # type: ignore[call-overload]
+    ctx_size = entry.ctx_size if entry.ctx_size is not None else defaults.ctx_size
+    kv_unified = entry.kv_unified if entry.kv_unified is not None else defaults.kv_unified
+    per_cell = info.kv_bytes_per_token() if info is not None else None
+    return memory.auto_max_batch(ctx_size, kv_unified, per_cell)
 
 
 def _estimate(path: str, info: gguf.GGUFInfo | None, engine: BackendConfig) -> int:
