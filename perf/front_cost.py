@@ -10,12 +10,18 @@ With ``--rev REV`` the same is measured for another git revision (a temporary wo
 side by side), alternating round by round, and the ratio is printed; without it the reference
 is the step interval: the share of one core the front takes per token.
 
+With ``--ceiling``, the front at full speed instead: ``--streams`` streams at once on the fake
+backend with no step delay, and the same events (one of our streams, replayed) pushed by a bare
+Granian + Starlette app (``perf/bare_sse.py``); prints both chunk rates and ours as a fraction.
+
     .venv/bin/python perf/front_cost.py [--rev BASE [--rev HEAD]] [--tokens 300] [--step-ms 16] [--rounds 3]
+    .venv/bin/python perf/front_cost.py --ceiling [--streams 64] [--tokens 200] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import signal
@@ -23,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -30,8 +37,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import orjson  # noqa: E402
+
 from perf.sse_client import stream_chat  # noqa: E402
-from tests.server import Server, run_server  # noqa: E402
+from tests.server import Server, free_port, run_server  # noqa: E402
 
 
 def cpu_s(pid: int) -> float:
@@ -68,11 +77,105 @@ def worktree(rev: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def serve(stack: ExitStack, repo: Path, step_ms: float) -> Server:
+def serve(stack: ExitStack, repo: Path, step_ms: float, *args: str) -> Server:
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
     return stack.enter_context(run_server(
-        tmp, "--backend", "fake", "--backend-option", f"delay_ms={step_ms:g}", api_key="perf-key", cwd=repo,
+        tmp, "--backend", "fake", "--backend-option", f"delay_ms={step_ms:g}", *args, api_key="perf-key", cwd=repo,
     ))
+
+
+async def _read_all(host: str, port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(request)
+    parts = []
+    while data := await reader.read(1 << 16):
+        parts.append(data)
+    writer.close()
+    return b"".join(parts)
+
+
+def token_rate(url: str, key: str | None, body: dict[str, object], streams: int) -> tuple[float, int]:
+    """``streams`` concurrent streams of ``body``: content tokens per second over all, and the
+    total. The client is asyncio on raw sockets and counts only after the streams end."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    payload = orjson.dumps(body)
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    ).encode() + payload
+
+    async def run() -> tuple[float, list[bytes]]:
+        t0 = time.perf_counter()
+        replies = await asyncio.gather(*(_read_all(host, int(port), request) for _ in range(streams)))
+        return time.perf_counter() - t0, replies
+
+    wall, replies = asyncio.run(run())
+    # Content tokens: the fake backend echoes one word per token ("w17 "), however the front
+    # merged them into events; the bare app's replayed events carry one each.
+    tokens = sum(r.count(b" w") + r.count(b'"w') for r in replies)
+    return tokens / wall, tokens
+
+
+@contextmanager
+def bare_server(events: list[bytes]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "events.json"
+        path.write_bytes(orjson.dumps([e.decode() for e in events]))
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, str(REPO / "perf" / "bare_sse.py"), str(port), str(path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    stream_chat(url, None, {})
+                    break
+                except (OSError, RuntimeError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            yield url, proc
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+
+
+def group_cpu_s(pid: int) -> float:
+    return sum(cpu_s(int(p)) for p in subprocess.check_output(["pgrep", "-g", str(os.getpgid(pid))]).split())
+
+
+def ceiling(args: argparse.Namespace) -> None:
+    words = " ".join(f"w{i}" for i in range(args.tokens))
+    body = {"model": "default", "stream": True, "max_tokens": args.tokens + 8,
+            "messages": [{"role": "user", "content": words}]}
+    with ExitStack() as stack:
+        with ExitStack() as paced:  # one token per event: what the bare app replays
+            capture = serve(paced, REPO, 2)
+            _, events = stream_chat(capture.url, capture.api_key, body)
+        ours = serve(stack, REPO, 0, "--max-batch", str(args.streams))
+        bare_url, bare = stack.enter_context(bare_server([data for _, data in events]))
+        runs: dict[str, list[tuple[float, float]]] = {"ours": [], "bare": []}
+        targets = [("ours", ours.url, ours.api_key, ours.proc.pid), ("bare", bare_url, None, bare.pid)]
+        for name, url, key, _ in targets:
+            token_rate(url, key, body, 4)  # warm-up
+        for _ in range(args.rounds):
+            for name, url, key, pid in targets:
+                c0 = group_cpu_s(pid)
+                rate, n = token_rate(url, key, body, args.streams)
+                runs[name].append((rate, (group_cpu_s(pid) - c0) / n))
+            targets.reverse()
+    print(f"{args.streams} streams of {args.tokens} tokens at full speed (fake backend, no step delay, "
+          f"max_batch {args.streams}) against a bare app pushing one event per token, {args.rounds} rounds, medians")
+    print(f"{'server':<8}{'tokens/s':>10}{'server CPU us/token':>21}")
+    med = {}
+    for name, rows in runs.items():
+        med[name] = statistics.median(r for r, _ in rows)
+        cpu = statistics.median(c for _, c in rows)
+        print(f"{name:<8}{med[name]:>10.0f}{cpu * 1e6:>21.1f}")
+    print(f"ours / bare Granian + Starlette: x{med['ours'] / med['bare']:.3f} of its token rate "
+          "(ours merges tokens that wait into one event; its CPU includes the fake engine process)")
 
 
 def main() -> None:
@@ -86,7 +189,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--step-ms", type=float, default=16.0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ceiling", action="store_true", help="full speed, many streams, against a bare Granian app")
+    ap.add_argument("--streams", type=int, default=64, help="--ceiling: concurrent streams")
     args = ap.parse_args()
+    if args.ceiling:
+        ceiling(args)
+        return
     with ExitStack() as stack:
         servers = {} if args.revs_only and args.rev else {"this": serve(stack, REPO, args.step_ms)}
         for rev in args.rev:

@@ -69,15 +69,17 @@ bench() {  # WORKLOAD, then extra flags
   shift
   echo "=== workload $w"
   $PY -m axserving.cli bench serve --url http://127.0.0.1:18090 --api-key sk-bench "${COMPARE[@]}" \
-    --eos-token-id 2 --workload "$w" --rounds "$ROUNDS" --duration "$DURATION" --json "$OUT/$w.json" --quiet "$@" || true
+    --eos-token-id 2 --workload "$w" --rounds "$ROUNDS" --json "$OUT/$w.json" --quiet "$@" || true
 }
 IFS=, read -ra WL <<< "$WORKLOADS"
 for w in "${WL[@]}"; do
   case $w in
-    fixed) bench fixed --concurrency "$CONC" --max-tokens "$MAXTOK" ;;
-    poisson) bench poisson --rate "$RATE" --concurrency 32 --max-tokens "$MAXTOK" ;;
+    fixed) bench fixed --concurrency "$CONC" --max-tokens "$MAXTOK" --duration "$DURATION" ;;
+    poisson) bench poisson --rate "$RATE" --concurrency 32 --max-tokens "$MAXTOK" --duration "$DURATION" ;;
+    # Whole conversations (8 of 4 turns each), not a duration: a cut-off one would count its
+    # cheap first turns and not the long histories of its last.
     chat-shared-prefix) bench chat-shared-prefix --concurrency 8 ;;
-    long-prompts) bench long-prompts --concurrency 8 --max-tokens "$MAXTOK" ;;
+    long-prompts) bench long-prompts --concurrency 8 --max-tokens "$MAXTOK" --duration "$DURATION" ;;
     *) echo "unknown workload $w" >&2; exit 2 ;;
   esac
 done

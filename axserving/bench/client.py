@@ -81,13 +81,23 @@ async def send(client: httpx.AsyncClient, call: Call, index: int, body: dict[str
     payload = orjson.dumps(body)
     if body.get("max_tokens", call.max_tokens) != call.max_tokens:
         call = dataclasses.replace(call, max_tokens=body["max_tokens"])  # judged by its own limit
-    t0 = time.perf_counter()
-    try:
-        if call.stream:
-            return await _stream(client, call, index, payload, t0)
-        return await _whole(client, call, index, payload, t0)
-    except httpx.HTTPError as e:
-        return Outcome(index, Kind.transport_error, time.perf_counter() - t0, detail=f"{type(e).__name__}: {e}")
+    for attempt in range(2):
+        t0 = time.perf_counter()
+        try:
+            if call.stream:
+                return await _stream(client, call, index, payload, t0)
+            return await _whole(client, call, index, payload, t0)
+        except httpx.RemoteProtocolError as e:
+            # A kept-alive connection the server had closed (llama-server closes one after a few
+            # requests): nothing was sent back, so send again once on a new connection, as
+            # clients do (the openai SDK retries connection errors), rather than count the
+            # server's connection policy as a failed request.
+            if attempt == 0 and "without sending a response" in str(e):
+                continue
+            return Outcome(index, Kind.transport_error, time.perf_counter() - t0, detail=f"{type(e).__name__}: {e}")
+        except httpx.HTTPError as e:
+            return Outcome(index, Kind.transport_error, time.perf_counter() - t0, detail=f"{type(e).__name__}: {e}")
+    raise AssertionError("unreachable")
 
 
 async def _whole(client: httpx.AsyncClient, call: Call, index: int, payload: bytes, t0: float) -> Outcome:

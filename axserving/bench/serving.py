@@ -283,14 +283,32 @@ def main_with_args(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
+    baseline = getattr(args, "baseline", None)
+    if baseline is not None and not os.path.isfile(baseline):
+        print(f"bench: error: --baseline {baseline}: no such file", file=sys.stderr)
+        return 2
     result = run_sync(cfg)
     print(render(result.summaries, result.ratios))
     if cfg.json_path:
         with open(cfg.json_path, "wb") as f:
             f.write(result.to_json())
         _progress(cfg, f"results written to {cfg.json_path}")
+    plot = getattr(args, "plot", None)
+    if plot:
+        from axserving.bench.plot import write_png
+
+        names = " vs ".join(t.name for t in cfg.targets)
+        write_png(plot, result.summaries, f"{names}: {cfg.workload.value}, {cfg.max_tokens} max tokens")
+        _progress(cfg, f"plot written to {plot}")
     # Exit 1 when the server under test failed any request (the peer's failures are only reported).
-    return 1 if any(s.failed for s in result.for_target(cfg.targets[0].name)) else 0
+    failed = any(s.failed for s in result.for_target(cfg.targets[0].name))
+    if baseline is not None:
+        from axserving.bench import regress
+
+        report, regressed = regress.check_files(baseline, orjson.loads(result.to_json()), args.tolerance)
+        print("\nagainst the baseline " + baseline + ":\n" + report)
+        failed = failed or regressed
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

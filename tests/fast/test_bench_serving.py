@@ -115,6 +115,7 @@ def test_cli_writes_json_and_exits_zero(tmp_path: Path, capsys: pytest.CaptureFi
 
 GOOD_TOKENS = 16
 RECEIVED: list[dict[str, object]] = []  # every body the misbehaving server was sent, in order
+DROPPED: list[bool] = []  # "drop-once" closed a connection without answering
 
 
 def _sse(obj: object) -> bytes:
@@ -160,6 +161,11 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             body = orjson.loads(await reader.readexactly(length))
             RECEIVED.append(body)
             model = body["model"]
+            if model == "drop-once" and not DROPPED:  # as a server closing a kept-alive connection
+                DROPPED.append(True)
+                return
+            if model == "drop-once":
+                model = "good"
             if model == "http-503":
                 msg = b'{"error": {"message": "busy"}}'
                 writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
@@ -250,6 +256,19 @@ def test_misbehaviour_is_classified(model: str, kind: Kind) -> None:
     assert out.kind is kind, out  # type: ignore[attr-defined]
     if kind is Kind.ok:
         assert out.output_tokens == GOOD_TOKENS and out.tokens_from == "usage"  # type: ignore[attr-defined]
+
+
+def test_a_connection_closed_without_an_answer_is_sent_again_once() -> None:
+    with misbehaving_server() as url:
+        call = Call(url + "/v1/chat/completions", {}, chat=True, stream=True, max_tokens=GOOD_TOKENS, ignore_eos=True)
+
+        async def go() -> object:
+            async with httpx.AsyncClient(timeout=10) as client:
+                return await send(client, call, 0, {"model": "drop-once"})
+
+        DROPPED.clear()
+        out = asyncio.run(go())
+    assert DROPPED == [True] and out.kind is Kind.ok  # type: ignore[attr-defined]
 
 
 def test_empty_peer_is_failures_not_fast_requests(capsys: pytest.CaptureFixture[str]) -> None:
@@ -392,3 +411,47 @@ def render_of(result: object) -> str:
     from axserving.bench.report import render
 
     return render(result.summaries, result.ratios)  # type: ignore[attr-defined]
+
+
+# --- the other bench modes ---------------------------------------------------------------------
+
+
+def test_plot_baseline_and_regression_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--plot writes a PNG; a rerun against its own result as --baseline passes at a loose
+    tolerance; regression-check fails a result that is slower than the baseline."""
+    base, png = tmp_path / "base.json", tmp_path / "curve.png"
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=2") as server:
+        common = ["bench", "serve", "--url", server.url, "--api-key", str(server.api_key), "--concurrency", "1,2",
+                  "--num-requests", "4", "--max-tokens", "8", "--quiet"]
+        from axserving.cli import main as cli
+
+        assert cli([*common, "--json", str(base), "--plot", str(png)]) == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert cli([*common, "--baseline", str(base), "--tolerance", "50"]) == 0
+    assert "no regression beyond 5000%" in capsys.readouterr().out
+    slower = orjson.loads(base.read_bytes())
+    for level in slower["levels"]:
+        level["output_throughput"] *= 0.5
+        level["ttft"]["p95"] *= 3
+    cur = tmp_path / "slower.json"
+    cur.write_bytes(orjson.dumps(slower))
+    assert cli(["bench", "regression-check", str(base), str(cur), "--tolerance", "0.2"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("REGRESSED") == 4 and "-50.0%" in out and "+200.0%" in out  # 2 levels x 2 metrics
+    assert cli(["bench", "regression-check", str(base), str(base)]) == 0
+    assert cli(["bench", "regression-check", str(base), str(tmp_path / "missing.json")]) == 2
+
+
+def test_soak_reports_windows_memory_and_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from axserving.cli import main as cli
+
+    with run_server(tmp_path, "--backend", "fake", "--backend-option", "delay_ms=2") as server:
+        rc = cli(["bench", "soak", "--url", server.url, "--api-key", str(server.api_key), "--concurrency", "2",
+                  "--duration", "3", "--window", "1", "--max-tokens", "8", "--quiet", "--max-rss-growth", "5"])
+        assert cli(["bench", "soak", "--url", server.url, "--concurrency", "2"]) == 2  # no --duration
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    assert all(int(r[1]) > 0 and r[2] == "0" and r[-1] != "-" for r in rows)  # requests, no failures, RSS
+    assert "last window against the first" in out and "verdict: steady" in out
