@@ -21,8 +21,9 @@ in the order the batch lists them, and each micro-batch is a pass over all the w
 SmolLM2 (2 threads) a step of 8 decoding sequences took 76 ms listed in slot order and 128 ms
 listed in reverse; 4 sequences in slots 0-3 took 45 ms, in slots 0, 2, 4, 6 68 ms. So the backend
 lists a step's tokens in slot order (:func:`slot_runs` counts the passes), and :class:`SlotTable`
-places a request where it extends a run of running slots when the prefix it reuses is as long
-either way.
+places a request where it extends a run of running slots unless a cache entry elsewhere holds a
+prefix long enough to pay for the extra pass (``RUN_COST`` tokens): with more slots than running
+requests, a few cached template tokens must not scatter the batch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 _LCP_BLOCK = 64
+# What starting a request where it opens a new run of running slots costs, in prompt tokens it
+# would have to reuse to be worth it: every step it runs beside others pays one more pass over
+# the weights (SmolLM2, 2 threads: ~8 ms a step, so ~1 s over a 128-token reply, against ~3 ms
+# per prompt token computed). A few cached template tokens never split the batch.
+RUN_COST = 256
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
@@ -110,14 +116,25 @@ class SlotTable:
         """
         if not self.has_free():
             raise RuntimeError("no free slot")
-        best_donor, best = self._best(prompt, running_kv)
-        if best_donor is not None and best_donor in self._cache:
-            target = best_donor  # reuse in place: nothing to share, the rest is dropped
-        else:
-            target = self._free_slot()
+        limit = len(prompt) - 1
+        free = self._free_slot()
+        free_runs = self._new_runs(free)
+        # (score, reuse, slot, donor): a reused token is worth one, a new run of running slots
+        # costs RUN_COST; of equal scores the longer prefix, then the least recently used entry.
+        options = [(-RUN_COST * free_runs, 0, free, None)]
+        for slot, kv in self._cache.items():  # reuse in place: nothing to share, the rest is dropped
+            n = min(common_prefix(prompt, kv), limit)
+            if n:
+                options.append((n - RUN_COST * self._new_runs(slot), n, slot, slot))
+        if self.share:  # from a running slot, into the free slot
+            for slot, (kv, n_kv) in running_kv.items():
+                n = min(common_prefix(prompt, kv, n_kv), limit)
+                if n >= self.min_share:
+                    options.append((n - RUN_COST * free_runs, n, free, slot))
+        _, reuse, target, donor = max(options, key=lambda o: (o[0], o[1]))
         self._cache.pop(target, None)
         self._running.add(target)
-        return Placement(target, best_donor, best)
+        return Placement(target, donor, reuse)
 
     def _best(
         self, prompt: Sequence[int], running_kv: Mapping[int, tuple[Sequence[int], int]]

@@ -206,3 +206,20 @@ def test_no_wait_for_a_short_gain_a_decoding_sequence_or_without_sharing() -> No
     t.release(t.place(system + [3], {}).slot, system + [3])
     assert not t.worth_waiting(system + [4], {leader.slot: (system + [1], 10)})
     assert not SlotTable(4, share=False).worth_waiting(system + [2], {0: (system + [1], 10)})
+
+
+def test_a_short_cached_prefix_does_not_scatter_the_batch_a_long_one_may() -> None:
+    from engine_proc.backends.batching import RUN_COST
+
+    t = SlotTable(8)
+    header = [1, 2, 3, 4, 5]  # the chat template's first tokens, in every cache entry
+    for i in range(3):
+        t.place(header + [20 + i], {})  # 0, 1, 2 run
+    t._cache[6] = header + [77]  # an idle entry away from the run
+    # Its 5 tokens lose to an empty slot that extends the run.
+    assert t.place(header + [42], {}) == Placement(3, None, 0)
+    t.release(3, None)
+    # A prefix longer than the run's cost is worth the extra pass.
+    system = list(range(100, 100 + RUN_COST + 50))
+    t._cache[6] = system + [1]
+    assert t.place(system + [2], {}) == Placement(6, 6, len(system))
