@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import orjson  # noqa: E402
 
-from perf.sse_client import stream_chat  # noqa: E402
+from perf.sse_client import http_request, stream_chat  # noqa: E402
 from tests.server import Server, free_port, run_server  # noqa: E402
 
 
@@ -97,17 +97,11 @@ async def _read_all(host: str, port: int, request: bytes) -> bytes:
 def token_rate(url: str, key: str | None, body: dict[str, object], streams: int) -> tuple[float, int]:
     """``streams`` concurrent streams of ``body``: content tokens per second over all, and the
     total. The client is asyncio on raw sockets and counts only after the streams end."""
-    host, _, port = url.removeprefix("http://").partition(":")
-    payload = orjson.dumps(body)
-    auth = f"Authorization: Bearer {key}\r\n" if key else ""
-    request = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-    ).encode() + payload
+    host, port, request = http_request(url, key, body)
 
     async def run() -> tuple[float, list[bytes]]:
         t0 = time.perf_counter()
-        replies = await asyncio.gather(*(_read_all(host, int(port), request) for _ in range(streams)))
+        replies = await asyncio.gather(*(_read_all(host, port, request) for _ in range(streams)))
         return time.perf_counter() - t0, replies
 
     wall, replies = asyncio.run(run())

@@ -52,9 +52,8 @@ def sse_events(arrivals: list[tuple[float, bytes]]) -> list[tuple[float, bytes]]
     return out
 
 
-def stream_chat(url: str, key: str | None, body: dict[str, Any], path: str = "/v1/chat/completions") -> tuple[float, list[tuple[float, bytes]]]:
-    """POST ``body`` to ``url`` + ``path`` and read the whole stream; returns the time the
-    request was sent (``time.perf_counter``) and the ``data:`` payloads with their arrival times."""
+def http_request(url: str, key: str | None, body: dict[str, Any], path: str = "/v1/chat/completions") -> tuple[str, int, bytes]:
+    """The host, port and bytes of an HTTP/1.1 POST of ``body`` as JSON that closes the connection."""
     host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
     payload = orjson.dumps(body)
     auth = f"Authorization: Bearer {key}\r\n" if key else ""
@@ -62,8 +61,15 @@ def stream_chat(url: str, key: str | None, body: dict[str, Any], path: str = "/v
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}Content-Type: application/json\r\n"
         f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
     ).encode() + payload
+    return host, int(port or 80), request
+
+
+def stream_chat(url: str, key: str | None, body: dict[str, Any], path: str = "/v1/chat/completions") -> tuple[float, list[tuple[float, bytes]]]:
+    """POST ``body`` to ``url`` + ``path`` and read the whole stream; returns the time the
+    request was sent (``time.perf_counter``) and the ``data:`` payloads with their arrival times."""
+    host, port, request = http_request(url, key, body, path)
     arrivals: list[tuple[float, bytes]] = []
-    with socket.create_connection((host, int(port or 80))) as sock:
+    with socket.create_connection((host, port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         t0 = time.perf_counter()
         sock.sendall(request)
