@@ -48,7 +48,7 @@ SETTLE_S = 0.5  # between runs, so one server's tail does not overlap the other'
 WARMUP_INDEX = 1_000_000_000  # warm-up prompts never share an index with measured ones
 
 
-def _call(cfg: BenchConfig, target: Target) -> Call:
+def call_for(cfg: BenchConfig, target: Target) -> Call:
     headers = {"Content-Type": "application/json"}
     if target.api_key:
         headers["Authorization"] = f"Bearer {target.api_key}"
@@ -88,7 +88,7 @@ async def run_level(
     """One level of ``cfg.workload`` against ``target``: ``concurrency`` workers (or requests in
     flight, or conversations) until the count (or duration) is reached; request indices start
     at ``first_index``."""
-    call = _call(cfg, target)
+    call = call_for(cfg, target)
     outcomes: list[Outcome] = []
     t0 = time.perf_counter()
     count = cfg.requests_for(concurrency) if cfg.duration_s is None else None
@@ -189,7 +189,7 @@ async def run_level(
 
 
 async def warm_up(client: httpx.AsyncClient, cfg: BenchConfig, target: Target) -> None:
-    call = _call(cfg, target)
+    call = call_for(cfg, target)
     for k in range(cfg.warmup):
         await send(client, call, WARMUP_INDEX + k, workload.request_body(cfg, target, WARMUP_INDEX + k))
 

@@ -55,7 +55,7 @@ async def _rss(client: httpx.AsyncClient, target: Target) -> int | None:
 
 
 async def soak(cfg: BenchConfig, concurrency: int, duration_s: float, window_s: float) -> list[Window]:
-    from axserving.bench.serving import _call, warm_up
+    from axserving.bench.serving import call_for, warm_up
 
     target = cfg.targets[0]
     n_windows = max(1, int(-(-duration_s // window_s)))
@@ -63,7 +63,7 @@ async def soak(cfg: BenchConfig, concurrency: int, duration_s: float, window_s: 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.timeout_s), trust_env=False) as client:
         await warm_up(client, cfg, target)
-        call = _call(cfg, target)
+        call = call_for(cfg, target)
         t0 = time.perf_counter()
         deadline = t0 + duration_s
         counter = iter(range(10**9))

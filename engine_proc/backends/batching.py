@@ -116,12 +116,22 @@ class SlotTable:
         """
         if not self.has_free():
             raise RuntimeError("no free slot")
+        # Of equal scores the longer prefix, then the first listed (the least recently used entry).
+        _, reuse, target, donor = max(self._options(prompt, running_kv), key=lambda o: (o[0], o[1]))
+        self._cache.pop(target, None)
+        self._running.add(target)
+        return Placement(target, donor, reuse)
+
+    def _options(
+        self, prompt: Sequence[int], running_kv: Mapping[int, tuple[Sequence[int], int]]
+    ) -> list[tuple[int, int, int, int | None]]:
+        """Where ``prompt`` could start now, as (score, reuse, slot, donor): a reused token is
+        worth one, a new run of running slots costs ``RUN_COST``; at most all but the last
+        prompt token is reused."""
         limit = len(prompt) - 1
         free = self._free_slot()
         free_runs = self._new_runs(free)
-        # (score, reuse, slot, donor): a reused token is worth one, a new run of running slots
-        # costs RUN_COST; of equal scores the longer prefix, then the least recently used entry.
-        options = [(-RUN_COST * free_runs, 0, free, None)]
+        options: list[tuple[int, int, int, int | None]] = [(-RUN_COST * free_runs, 0, free, None)]
         for slot, kv in self._cache.items():  # reuse in place: nothing to share, the rest is dropped
             n = min(common_prefix(prompt, kv), limit)
             if n:
@@ -131,42 +141,18 @@ class SlotTable:
                 n = min(common_prefix(prompt, kv, n_kv), limit)
                 if n >= self.min_share:
                     options.append((n - RUN_COST * free_runs, n, free, slot))
-        _, reuse, target, donor = max(options, key=lambda o: (o[0], o[1]))
-        self._cache.pop(target, None)
-        self._running.add(target)
-        return Placement(target, donor, reuse)
-
-    def _best(
-        self, prompt: Sequence[int], running_kv: Mapping[int, tuple[Sequence[int], int]]
-    ) -> tuple[int | None, int]:
-        """The slot holding the longest prefix of ``prompt`` that a request can start from now,
-        and its length (at most all but the last prompt token)."""
-        limit = len(prompt) - 1
-        best_donor, best, best_cost = None, 0, 0
-        candidates: list[tuple[int, Sequence[int], int]] = [(s, kv, len(kv)) for s, kv in self._cache.items()]
-        if self.share:
-            candidates += [(slot, kv, n) for slot, (kv, n) in running_kv.items()]
-        for slot, kv, n_kv in candidates:
-            n = min(common_prefix(prompt, kv, n_kv), limit)
-            if slot not in self._cache and n < self.min_share:
-                continue  # a running donor's prefix too short to be worth taking
-            # Of equal prefixes, the one kept in place where the request joins a run of running
-            # slots (sharing from a running slot lands in a free slot, placed the same way).
-            cost = self._new_runs(slot) if slot in self._cache else 0
-            if n > best or (n == best and n > 0 and cost < best_cost):
-                best_donor, best, best_cost = slot, n, cost
-        return best_donor, best
+        return options
 
     def worth_waiting(self, prompt: Sequence[int], running_kv: Mapping[int, tuple[Sequence[int], int]]) -> bool:
         """Whether ``prompt`` should wait to be placed: a running sequence still prefilling
-        shares a prefix with it at least ``min_share`` tokens longer than any KV holds now (many
-        conversations on one system prompt arriving together: one computes it, the rest start
-        from its KV instead of all computing it side by side). The wait ends when that prefix is
-        in (or the sequence is gone), so it is bounded by one prefill."""
-        if not self.share:
+        shares a prefix with it at least ``min_wait`` tokens longer than any KV it could start
+        from now (many conversations on one system prompt arriving together: one computes it,
+        the rest start from its KV instead of all computing it side by side). The wait ends
+        when that prefix is in (or the sequence is gone), so it is bounded by one prefill."""
+        if not self.share or not self.has_free():
             return False
         limit = len(prompt) - 1
-        _, now = self._best(prompt, running_kv)
+        now = max(reuse for _, reuse, _, _ in self._options(prompt, running_kv))
         for tokens, n in running_kv.values():
             if n >= limit or n >= len(tokens) - 1:
                 continue  # holds all it will share, or is decoding: nothing to wait for
