@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import random
 from dataclasses import dataclass
 
 
@@ -71,6 +72,7 @@ class BenchConfig:
     workload: Workload = Workload.fixed
     rate: float | None = None  # Poisson arrivals per second (open loop); None: closed loop
     seed: int = 0  # arrival times and drawn lengths
+    prompt_salt: str = ""  # in every prompt: a run's prompts are new to a server that served earlier runs
     system_words: int = 800  # chat-shared-prefix: words of the shared system prompt
     turns: int = 4  # chat-shared-prefix: user turns per conversation
     long_words: int = 1200  # long-prompts: words of each long prompt
@@ -137,6 +139,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Poisson arrivals at this mean rate (open loop; the concurrency caps requests in flight); "
                         "needed by --workload poisson, usable with fixed")
     p.add_argument("--seed", type=int, default=0, help="seed for arrival times and drawn lengths (default 0)")
+    p.add_argument("--prompt-salt", metavar="TEXT",
+                   help="put TEXT in every prompt (default: a random number per run, so no server answers a prompt "
+                        "from the cache of an earlier run; give the same TEXT to replay a run's prompts exactly)")
     p.add_argument("--system-words", type=int, default=800,
                    help="chat-shared-prefix: words of the shared system prompt (default 800, ~1k tokens)")
     p.add_argument("--turns", type=int, default=4, help="chat-shared-prefix: turns per conversation (default 4)")
@@ -239,6 +244,7 @@ def config_from_args(args: argparse.Namespace, env_api_key: str | None = None) -
         workload=workload,
         rate=args.rate,
         seed=args.seed,
+        prompt_salt=args.prompt_salt if args.prompt_salt is not None else f"{random.randrange(10**6):06d}",
         system_words=args.system_words,
         turns=args.turns,
         long_words=args.long_words,

@@ -143,7 +143,8 @@ async def run_level(
                 if quota.take() is None:
                     return
                 index = first_index + k * cfg.turns + turn
-                messages.append({"role": "user", "content": workload.prompt_text(index, cfg.prompt_words)})
+                text = workload.prompt_text(index, cfg.prompt_words, cfg.prompt_salt)
+                messages.append({"role": "user", "content": text})
                 outcome = await one(index, messages=list(messages))
                 if outcome.kind is not Kind.ok:
                     break  # a broken turn ends the conversation; the next one starts afresh

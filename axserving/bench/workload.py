@@ -1,8 +1,11 @@
 """The bench's requests: distinct prompts of roughly N words, and the OpenAI bodies that carry them.
 
-Every request gets its own prompt, beginning with its index, so no server can answer one from
-another's cache (a prefix cache can share the chat template's header and nothing more). The same
-index gives the same prompt on every server, so two servers get the same workload.
+Every request gets its own prompt, beginning with the run's salt and its index, so no server can
+answer one from another's cache (a prefix cache can share the chat template's header and nothing
+more), not even from an earlier run against the same server: llama-server keeps the KV of past
+prompts in host memory (``--cache-ram``) and answered a repeated run's prompts from it with one
+token to compute. Within a run the same index gives the same prompt on every server, so two
+servers get the same workload.
 
 The workloads (:class:`~axserving.bench.options.Workload`) differ in who sends what when:
 
@@ -39,11 +42,12 @@ _WORDS = (
 ).split()
 
 
-def prompt_text(index: int, words: int) -> str:
-    """Roughly ``words`` words of text, distinct per ``index`` from its first words on."""
-    rng = random.Random(index)
+def prompt_text(index: int, words: int, salt: str = "") -> str:
+    """Roughly ``words`` words of text, distinct per (``salt``, ``index``) from its first words on."""
+    rng = random.Random(f"{salt}/{index}" if salt else index)
     body = " ".join(rng.choice(_WORDS) for _ in range(max(words - 6, 1)))
-    return f"Request {index}. Continue this story: {body}"
+    head = f"Request {salt}-{index}." if salt else f"Request {index}."
+    return f"{head} Continue this story: {body}"
 
 
 def system_prompt(words: int) -> str:
@@ -92,7 +96,7 @@ def request_body(
     if messages is not None:
         body["messages"] = messages
     else:
-        text = prompt_text(index, words if words is not None else cfg.prompt_words)
+        text = prompt_text(index, words if words is not None else cfg.prompt_words, cfg.prompt_salt)
         if cfg.endpoint is Endpoint.chat:
             body["messages"] = [{"role": "user", "content": text}]
         else:

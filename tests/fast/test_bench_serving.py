@@ -43,6 +43,17 @@ def test_prompts_are_distinct_and_about_the_asked_length() -> None:
     assert prompt_text(7, 64) == prompt_text(7, 64)  # the same workload on every server
 
 
+def test_each_run_salts_its_prompts_so_a_server_has_none_cached_from_an_earlier_run() -> None:
+    t = Target("ours", "http://127.0.0.1:1", "default", None)
+    first, second = _parse(), _parse()
+    assert first.prompt_salt != second.prompt_salt
+    a, b = (request_body(c, t, 0)["messages"][0]["content"] for c in (first, second))
+    assert a.split()[:2] != b.split()[:2]  # they differ from the first words on
+    assert len(a.split()) == len(b.split())
+    replay = _parse("--prompt-salt", first.prompt_salt)
+    assert request_body(replay, t, 0) == request_body(first, t, 0)
+
+
 def test_max_tokens_spread_is_drawn_per_request_in_range_and_repeatable() -> None:
     t = Target("ours", "http://127.0.0.1:1", "default", None)
     assert {max_tokens_for(config(t, max_tokens=128), i) for i in range(50)} == {128}
