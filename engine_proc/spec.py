@@ -94,6 +94,9 @@ class BackendConfig:
     n_threads: int = 0  # 0: let the backend choose
     n_batch: int = 512  # tokens per llama_decode: one step's budget (decodes + prefill chunks)
     max_batch: int = 8  # sequences generated together (continuous batching)
+    # max_batch is "auto": the backend may measure at load how many sequences are worth a step
+    # and run no more at once (the rest of the max_batch slots keep prefix-cache entries).
+    measure_batch: bool = False
     kv_unified: bool = False  # one KV pool of n_ctx cells for all sequences, else n_ctx each
     embeddings: bool = False  # loaded for embeddings (pooled vectors), not generation
     pooling: str = ""  # mean, cls, last; "": the model's own (its metadata), else mean

@@ -140,6 +140,7 @@ def resolve(
         n_threads=pick(entry.threads, defaults.threads),  # type: ignore[arg-type]
         n_batch=pick(entry.batch_size, defaults.batch_size),  # type: ignore[arg-type]
         max_batch=_max_batch(pick(entry.max_batch, defaults.max_batch), info, entry, defaults),
+        measure_batch=pick(entry.max_batch, defaults.max_batch) == "auto",
         kv_unified=pick(entry.kv_unified, defaults.kv_unified),  # type: ignore[arg-type]
         embeddings=entry.enable_embeddings,
         pooling=entry.pooling or "",

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from engine_proc.backends.base import Backend, BackendConfig, RequestRejected
-from engine_proc.backends.batching import SlotTable
+from engine_proc.backends.batching import PrefillPacer, SlotTable, share_budget
 from engine_proc.grammar import GrammarError
 from engine_proc.output import MAX_TOP_LOGPROBS, ChoiceOutput
 from engine_proc.tokenizer import TemplateError, Tokenizer
@@ -76,12 +76,36 @@ class ChoiceBackend(Backend):
         self._slots = SlotTable(max(1, config.max_batch), share=share, min_share=min_share)
         self._waiting: deque[Choice] = deque()
         self._running: list[Choice] = []  # in admission order
+        self._n_batch = 0  # a step's most tokens; set by the runtime's load
+        self._pacer: PrefillPacer | None = None
+        self._mix = (0, 0)  # the planned step's decoding streams and prompt tokens
+
+    def _plan(self) -> list[int]:
+        """This step's tokens per running choice (see :func:`share_budget`): decoding streams
+        one each, prompts what :class:`PrefillPacer` allows beside them. A seeded prompt's
+        fixed-size chunks (see ``share_budget``) are not paced: it would wait for room forever."""
+        if self._pacer is None or self._pacer.max_chunk != self._n_batch:
+            self._pacer = PrefillPacer(max(self._n_batch, 1))
+        pending = [s.pending for s in self._running]
+        exact = [s.exact for s in self._running]
+        n_decoding = pending.count(1)
+        budget = self._n_batch
+        if not any(e and p > 1 for e, p in zip(exact, pending, strict=True)):
+            budget = min(budget, n_decoding + self._pacer.allowance(n_decoding))
+        plan = share_budget(pending, budget, exact, max(self._n_batch - self._slots.n_slots, 1))
+        self._mix = (n_decoding, sum(plan) - n_decoding)
+        return plan
+
+    def _paced(self, seconds: float) -> None:
+        """The step planned last took ``seconds`` to compute."""
+        if self._pacer is not None:
+            self._pacer.observe(seconds, *self._mix)
 
     def submit(self, request: Submit) -> None:
         assert self._tok is not None, "load() first"
         self._waiting.append(
             admit(
-                request, self._tok, n_ctx=self._n_ctx, max_choices=self._slots.n_slots,
+                request, self._tok, n_ctx=self._n_ctx, max_choices=self._slots.max_running,
                 max_piece=self._max_piece, trusted=self.trusted_messages(),
             )
         )

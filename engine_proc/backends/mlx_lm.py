@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from engine_proc.backends.base import BackendConfig, ModelInfo
-from engine_proc.backends.batching import share_budget
 from engine_proc.backends.hf_vocab import HFTokenizer
 from engine_proc.backends.intake import Choice, ChoiceBackend
 from engine_proc.backends.np_sampling import NumpySampler
@@ -184,7 +183,7 @@ class MlxBackend(ChoiceBackend):
         from mlx_lm.models.cache import make_prompt_cache
 
         slots = self._slots
-        while self._waiting and slots.n_slots - slots.running >= 1 + len(self._waiting[0].followers):
+        while self._waiting and slots.free() >= 1 + len(self._waiting[0].followers):
             seq = self._waiting.popleft()
             # A seeded request is computed from scratch, the one way (see batching.share_budget).
             place = slots.place(seq.tokens, {}) if not seq.exact else slots.place([], {})
@@ -263,10 +262,8 @@ class MlxBackend(ChoiceBackend):
         if not self._running:
             return []
         mx, model = self._mx, self._model
-        plan = share_budget(
-            [s.pending for s in self._running], self._n_batch, [s.exact for s in self._running],
-            max(self._n_batch - self._slots.n_slots, 1),
-        )
+        began = time.monotonic()
+        plan = self._plan()
         planned = dict(zip(map(id, self._running), plan, strict=True))
         outputs: list[tuple[list[Choice], Any]] = []  # who draws, from which logits row
         if self._rows:
@@ -292,6 +289,7 @@ class MlxBackend(ChoiceBackend):
                 outputs.append(([seq, *seq.followers], out[0, -1, :]))
         rows = mx.stack([row for _, row in outputs]).astype(mx.float32) if outputs else None
         mx.eval(rows, [layer.state for s, _ in prefilling for layer in s.cache])
+        self._paced(time.monotonic() - began)
         for seq in self._rows:
             seq.n_past += 1
         for seq, n in prefilling:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -9,6 +10,7 @@ from engine_proc.backends.batching import (
     Placement,
     SlotTable,
     common_prefix,
+    PrefillPacer,
     share_budget,
     slot_runs,
 )
@@ -87,11 +89,11 @@ def test_evict_goes_least_recently_used_first() -> None:
 
 def test_decoders_always_get_their_token_and_prefill_shares_the_rest() -> None:
     assert share_budget([1, 1, 1], 2) == [1, 1, 1]  # never starve a running stream
-    assert share_budget([1, 900, 1, 300], 512) == [1, 510, 1, 0]
-    assert share_budget([300, 300, 1], 512) == [300, 211, 1]
+    assert share_budget([1, 900, 1, 300], 512) == [1, 210, 1, 300]  # the shorter prompt first
+    assert share_budget([300, 300, 1], 512) == [300, 211, 1]  # of equals, the older
     assert share_budget([300, 300, 1], 512, [True, False, False], 256) == [256, 255, 1]  # fixed chunks
     assert share_budget([100, 300, 1], 512, [True, False, False], 256) == [99, 300, 1]  # its last token waits
-    assert share_budget([1, 400, 300], 512, [False, False, True], 256) == [1, 400, 0]  # no room: it waits
+    assert share_budget([1, 300, 400], 512, [False, False, True], 256) == [1, 300, 0]  # no room: it waits
     assert share_budget([2], 512, [True], 256) == [1]
     assert share_budget([], 512) == []
 
@@ -223,3 +225,27 @@ def test_a_short_cached_prefix_does_not_scatter_the_batch_a_long_one_may() -> No
     system = list(range(100, 100 + RUN_COST + 50))
     t._cache[6] = system + [1]
     assert t.place(system + [2], {}) == Placement(6, 6, len(system))
+
+
+def test_prefill_pacer_keeps_a_step_with_a_prompt_within_its_slowdown_of_a_decode_step() -> None:
+    pacer = PrefillPacer(512, slowdown=2.0, floor_s=0.05, min_chunk=8, start_chunk=64)
+    assert pacer.allowance(0) == 512  # nobody decoding: nobody waits on the step
+    assert pacer.allowance(8) == 64  # nothing measured yet
+    pacer.observe(1.0, 0, 300)  # a prompt alone: ~3.3 ms a token
+    for _ in range(20):
+        pacer.observe(0.050, 8, 0)  # eight streams decoding: 50 ms a step
+    assert pacer.allowance(8) == 15  # (2 x 50 ms - 50 ms) / 3.3 ms
+    for _ in range(20):  # a chunk beside them costs more than the prompt alone did: smaller chunks
+        pacer.observe(0.050 + 15 * 0.005, 8, 15)
+    assert pacer.allowance(8) == 10
+    for _ in range(20):  # one fast stream: the floor gives prompts room, above min_chunk
+        pacer.observe(0.010, 1, 0)
+    assert pacer.allowance(1) == 8
+    pacer.observe(0.010, 1, 4)  # a chunk under min_chunk teaches nothing (noise)
+    assert pacer.per_token_s == pytest.approx(0.005, rel=0.01)
+    pacer = PrefillPacer(512, slowdown=2.0, floor_s=0.05, min_chunk=8)
+    pacer.observe(0.5, 0, 500)
+    pacer.observe(0.01, 1, 0)
+    assert pacer.allowance(1) == 40  # (50 ms - 10 ms) / 1 ms
+    with pytest.raises(ValueError):
+        PrefillPacer(512, slowdown=0.5)
