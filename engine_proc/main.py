@@ -31,6 +31,12 @@ IDLE_WAIT_S = 0.25  # how often an idle engine beats and checks that its front i
 STATS_INTERVAL_S = 1.0
 PENDING_RETRY_S = 0.001  # how soon an idle engine retries events a full ring held back
 RECORDS_PER_TURN = 32  # requests taken in per loop turn, before the next step
+# An idle engine's first request waits this long at most, until GATHER_QUIET_S pass with no other:
+# requests sent together (clients of one batch job, closed-loop clients whose replies ended in one
+# step) arrive over a few ms, and prefilled in one step they also decode in step with each other.
+# Started one by one, the first decodes while the others prefill and must be paced beside it.
+GATHER_S = 0.010
+GATHER_QUIET_S = 0.003
 
 
 class EngineLoop:
@@ -43,6 +49,7 @@ class EngineLoop:
         self.merged_steps = 0
         self.steps = 0
         self.tokens = 0
+        self.taken = 0  # records taken from the front
         self._next_stats = 0.0
         self._process = psutil.Process()
         self._max_step = 0.0  # slowest step since the last Stats (0 with native beats)
@@ -127,14 +134,18 @@ class EngineLoop:
         self.report()
         # A burst of submissions is taken a bounded number per turn, beating after each, so the
         # running sequences keep stepping and the heartbeat stays fresh.
-        for _ in range(RECORDS_PER_TURN):
-            record = channel.recv()
-            if record is None:
-                break
-            self.handle(record)
-            channel.beat()
-            if not self.running:
-                return
+        idle = not backend.has_work()
+        if not self._take_records():
+            return
+        if idle and backend.has_work():
+            deadline = time.monotonic() + GATHER_S
+            while (left := deadline - time.monotonic()) > 0:
+                channel.wait(min(left, GATHER_QUIET_S))
+                taken = self.taken
+                if not self._take_records():
+                    return
+                if self.taken == taken:
+                    break
         if backend.has_work():
             began = time.monotonic()
             deltas = backend.step()
@@ -156,6 +167,20 @@ class EngineLoop:
             if not self.front_alive():
                 log.warning("front process is gone; engine exiting")
                 self.running = False
+
+    def _take_records(self) -> bool:
+        """Take in what the front sent, a bounded number (beating after each); False once the
+        loop should stop."""
+        for _ in range(RECORDS_PER_TURN):
+            record = self.channel.recv()
+            if record is None:
+                break
+            self.taken += 1
+            self.handle(record)
+            self.channel.beat()
+            if not self.running:
+                return False
+        return True
 
     def run(self) -> None:
         self.backend.cancelled = self.channel.cancelled

@@ -25,6 +25,8 @@ cp ipc/*.so "$OTHER/ipc/" 2>/dev/null || true
 THREADS=${THREADS:-2}
 AXS_API_KEY=sk-ab $PY -m axserving.cli run --threads "$THREADS" --host 127.0.0.1 --port 18090 > "$OUT/this.log" 2>&1 &
 THIS=$!
+# One loads at a time: a server measuring its batch at load (max_batch auto) is not disturbed.
+for _ in $(seq 1 240); do curl -sf http://127.0.0.1:18090/readyz >/dev/null && break; sleep 0.5; done
 (cd "$OTHER" && AXS_API_KEY=sk-ab exec $PY -m axserving.cli run --threads "$THREADS" --host 127.0.0.1 --port 18092) \
   > "$OUT/other.log" 2>&1 &
 THAT=$!

@@ -2,9 +2,12 @@
 SSE, the event ring) apart from the engine, on the fake backend so the engine costs ~nothing.
 
 On a 2-core machine every microsecond of front CPU per token is taken from the engine's decode,
-so this is the figure to watch when the streaming path changes. One stream of ``--tokens`` words
-at ``--step-ms`` per engine step (a real model's pace: SmolLM2 decodes a token in ~15 ms here);
-CPU time is read from ``/proc`` for every process of the server's group but the engine.
+so this is the figure to watch when the streaming path changes. ``--streams`` streams (1) of
+``--tokens`` words at ``--step-ms`` per engine step (a real model's pace: SmolLM2 decodes a token
+in ~15 ms here alone, ~50 ms a step for 8 streams); CPU time is read from ``/proc`` for every
+process of the server's group but the engine. The floor is printed beside it: what an idle
+uvloop process spends per timed wake-up on this machine (a VM here: ~200 us), which a server
+sending one event per token at one stream cannot go under.
 
 With ``--rev REV`` the same is measured for another git revision (a temporary worktree, served
 side by side), alternating round by round, and the ratio is printed; without it the reference
@@ -15,6 +18,7 @@ backend with no step delay, and the same events (one of our streams, replayed) p
 Granian + Starlette app (``perf/bare_sse.py``); prints both chunk rates and ours as a fraction.
 
     .venv/bin/python perf/front_cost.py [--rev BASE [--rev HEAD]] [--tokens 300] [--step-ms 16] [--rounds 3]
+        [--streams 1]
     .venv/bin/python perf/front_cost.py --ceiling [--streams 64] [--tokens 200] [--rounds 3]
 """
 
@@ -49,19 +53,42 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(server: Server, tokens: int) -> tuple[float, float]:
-    """Front and engine CPU seconds per delivered token, over one stream of ``tokens`` words."""
+def measure(server: Server, tokens: int, streams: int = 1) -> tuple[float, float]:
+    """Front and engine CPU seconds per delivered token, over ``streams`` concurrent streams of
+    ``tokens`` words each."""
     engine = server.engine_pid()
     front = [p for p in server.group_pids() if p != engine]
     assert engine is not None
     words = " ".join(f"w{i}" for i in range(tokens))
     body = {"model": "default", "stream": True, "max_tokens": tokens + 8, "messages": [{"role": "user", "content": words}]}
     f0, e0 = sum(map(cpu_s, front)), cpu_s(engine)
-    _, events = stream_chat(server.url, server.api_key, body)
+    if streams == 1:
+        _, events = stream_chat(server.url, server.api_key, body)
+        n = sum(1 for _, data in events if b'"content":"' in data and b'"content":""' not in data)
+    else:
+        _, n = token_rate(server.url, server.api_key, body, streams)
     f1, e1 = sum(map(cpu_s, front)), cpu_s(engine)
-    n = sum(1 for _, data in events if b'"content":"' in data and b'"content":""' not in data)
-    assert n >= tokens * 0.9, (n, tokens)
+    assert n >= tokens * streams * 0.9, (n, tokens, streams)
     return (f1 - f0) / n, (e1 - e0) / n
+
+
+_WAKE = """
+import asyncio, sys, time
+import uvloop
+async def main(n, step):
+    t = time.process_time()
+    for _ in range(n):
+        await asyncio.sleep(step)
+    print(time.process_time() - t)
+uvloop.run(main(int(sys.argv[1]), float(sys.argv[2])))
+"""
+
+
+def wake_floor_s(step_ms: float, n: int) -> float:
+    """CPU seconds an idle uvloop process spends per timed wake-up at ``step_ms``: what any
+    event-loop server pays on this machine per event it sends at that pace, before any work."""
+    out = subprocess.check_output([sys.executable, "-c", _WAKE, str(n), str(step_ms / 1000)], text=True)
+    return float(out) / n
 
 
 @contextmanager
@@ -184,32 +211,41 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=16.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ceiling", action="store_true", help="full speed, many streams, against a bare Granian app")
-    ap.add_argument("--streams", type=int, default=64, help="--ceiling: concurrent streams")
+    ap.add_argument("--streams", type=int, help="concurrent streams (default 1; --ceiling: 64)")
     args = ap.parse_args()
     if args.ceiling:
+        args.streams = args.streams or 64
         ceiling(args)
         return
+    streams = args.streams or 1
+    batch = ("--max-batch", str(max(streams, 8)))
     with ExitStack() as stack:
-        servers = {} if args.revs_only and args.rev else {"this": serve(stack, REPO, args.step_ms)}
+        servers = {} if args.revs_only and args.rev else {"this": serve(stack, REPO, args.step_ms, *batch)}
         for rev in args.rev:
-            servers[rev] = serve(stack, stack.enter_context(worktree(rev)), args.step_ms)
+            servers[rev] = serve(stack, stack.enter_context(worktree(rev)), args.step_ms, *batch)
         for server in servers.values():
             measure(server, 20)  # warm-up
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
+        floors: list[float] = []
         order = list(servers.items())
         for _ in range(args.rounds):
             for name, server in order:  # ABBA: neither server always goes first
-                results[name].append(measure(server, args.tokens))
+                results[name].append(measure(server, args.tokens, streams))
             order.reverse()
-    print(f"fake backend, one stream of {args.tokens} tokens at {args.step_ms:g} ms per step, "
+            floors.append(wake_floor_s(args.step_ms, args.tokens))
+    print(f"fake backend, {streams} stream(s) of {args.tokens} tokens at {args.step_ms:g} ms per step, "
           f"{args.rounds} rounds (medians; /proc CPU has 10 ms ticks, so use enough tokens)")
     print(f"{'server':<14}{'front us/token':>16}{'engine us/token':>17}{'front share of a core':>23}")
     med = {}
+    rate = streams / (args.step_ms / 1000)  # tokens a second the front delivers
     for name, rows in results.items():
         front = statistics.median(f for f, _ in rows)
         engine = statistics.median(e for _, e in rows)
         med[name] = front
-        print(f"{name:<14}{front * 1e6:>16.0f}{engine * 1e6:>17.0f}{front / (args.step_ms / 1000):>23.3f}")
+        print(f"{name:<14}{front * 1e6:>16.0f}{engine * 1e6:>17.0f}{front * rate:>23.3f}")
+    floor = statistics.median(floors)
+    print(f"an idle uvloop process woken every {args.step_ms:g} ms spends {floor * 1e6:.0f} us per wake-up here "
+          f"(the floor for one event per token at one stream; with more streams one wake-up serves several)")
     for rev in args.rev if "this" in med else ():
         print(f"front CPU per token, this / {rev}: x{med['this'] / med[rev]:.3f}")
     if len(args.rev) == 2:

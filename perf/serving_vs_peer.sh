@@ -42,8 +42,16 @@ trap 'kill -TERM "${PIDS[@]}" 2>/dev/null; wait "${PIDS[@]}" 2>/dev/null || true
 AXS_API_KEY=sk-bench $PY -m axserving.cli run --threads "$THREADS" --host 127.0.0.1 --port 18090 ${OURS_ARGS:-} \
   > "$OUT/ours.log" 2>&1 &
 PIDS+=($!)
+wait_ready() {
+  for _ in $(seq 1 240); do curl -sf "$1" >/dev/null && return 0; sleep 0.5; done
+  echo "not ready: $1" >&2
+  exit 1
+}
+# Ours measures at load how many sequences are worth a step (max_batch auto): it loads alone,
+# before the peers, so their loading does not weigh on that measurement.
+wait_ready http://127.0.0.1:18090/readyz
 COMPARE=()
-READY=(http://127.0.0.1:18090/readyz)
+READY=()
 if [[ ,$PEERS, == *,llama-server,* ]]; then
   # Each of the SLOTS slots holds a 4096-token context, as each of ours does (ctx_size 4096 x max_batch 8).
   "$LLAMA_SERVER" --model "$MODEL" -t "$THREADS" -tb "$THREADS" -np "$SLOTS" -c $((4096 * SLOTS)) \
@@ -59,10 +67,7 @@ if [[ ,$PEERS, == *,llama_cpp,* ]]; then
   COMPARE+=(--compare http://127.0.0.1:18091 --compare-name llama_cpp)
   READY+=(http://127.0.0.1:18091/v1/models)
 fi
-for url in "${READY[@]}"; do
-  for _ in $(seq 1 240); do curl -sf "$url" >/dev/null && break; sleep 0.5; done
-  curl -sf "$url" >/dev/null || { echo "not ready: $url" >&2; exit 1; }
-done
+for url in "${READY[@]}"; do wait_ready "$url"; done
 
 bench() {  # WORKLOAD, then extra flags
   local w=$1

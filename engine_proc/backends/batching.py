@@ -18,7 +18,7 @@ tests can check without a model:
   every running stream's inter-token latency, and a prompt token costs about as much as a whole
   decode step's share of it (SmolLM2 on 2 threads: ~3.3 ms a prompt token, ~50 ms a step of 8
   streams, so a 512-token chunk stalled them ~1.7 s). Measured step by step, the chunk is sized
-  so that a step with prefill takes at most ``slowdown`` times a decode-only one (or
+  so that a step with prefill takes at most ``slowdown`` (3) times a decode-only one (or
   ``floor_s``): streams slow down while a prompt comes in, they do not stop.
 
 Contiguous slots matter with per-sequence KV caches (llama.cpp's non-unified mode): one
@@ -209,7 +209,12 @@ def share_budget(
 ) -> list[int]:
     """Tokens each sequence feeds this step, given how many each has pending (in admission order).
 
-    Decoding sequences (one pending token) always get it; prefilling sequences share what is
+    With no sequence decoding, nobody waits on the step but the prompts: they are levelled (each
+    gets up to an equal share, what a short one leaves goes to the others), so prompts that start
+    together end together, and then decode in step with each other instead of the first ones
+    decoding, paced, while the rest are still prefilled (:class:`PrefillPacer`).
+
+    Otherwise decoding sequences (one pending token) always get it; prefilling sequences share what is
     left of ``budget``, the fewest tokens left first (of equals, the oldest): a short prompt
     behind a long one gets its first token in a step or two instead of after the whole long
     prefill, and the long one loses only that short prompt's tokens (shortest remaining work
@@ -225,6 +230,8 @@ def share_budget(
     """
     out = [1 if p == 1 else 0 for p in pending]
     left = max(budget - sum(out), 0)
+    if not any(out) and not any(exact):
+        return _level(pending, left)
     for i in sorted(range(len(pending)), key=pending.__getitem__):
         p = pending[i]
         if p > 1 and left > 0:
@@ -245,18 +252,21 @@ def share_budget(
 class PrefillPacer:
     """The prompt tokens a step may prefill beside decoding streams, from measured step times.
 
-    A step costs about ``decode_s`` (what its decoding streams cost alone) plus ``per_token_s``
-    for every prompt token it prefills; both are moving averages of what :meth:`observe` is
-    told. With streams decoding, the allowance is what keeps the step within
-    ``max(slowdown * decode_s, floor_s)``, at least ``min_chunk`` (a prompt always advances); with
-    none decoding, nobody waits on the step and a prompt takes ``max_chunk``. Until both costs
-    have been seen, the allowance is ``start_chunk``.
+    Three costs, moving averages of what :meth:`observe` is told: ``decode_s``, a step of the
+    decoding streams alone; ``per_token_s``, a prompt token in a step with no streams decoding;
+    ``mix_s``, what a step pays once for holding both (with per-sequence KV caches the prompt's
+    tokens are a micro-batch of their own: one more pass over the weights, about a decode step
+    on SmolLM2). With streams decoding, the allowance keeps the step within
+    ``max(slowdown * decode_s, floor_s)``, but is never so small that the prompt's own work is
+    less than ``mix_s`` (paying the extra pass for a few tokens only makes the prompt take more
+    steps), nor under ``min_chunk``. With none decoding, nobody waits on the step and a prompt
+    takes ``max_chunk``. Until the costs have been seen, the allowance is ``start_chunk``.
     """
 
     ALPHA: Final = 0.25  # weight of the newest measurement
 
     def __init__(
-        self, max_chunk: int, *, slowdown: float = 2.0, floor_s: float = 0.05, min_chunk: int = 8,
+        self, max_chunk: int, *, slowdown: float = 3.0, floor_s: float = 0.05, min_chunk: int = 8,
         start_chunk: int = 64,
     ) -> None:
         if max_chunk < 1 or slowdown < 1.0:
@@ -268,27 +278,47 @@ class PrefillPacer:
         self.start_chunk = max(self.min_chunk, min(start_chunk, max_chunk))
         self.decode_s: float | None = None
         self.per_token_s: float | None = None
+        self.mix_s = 0.0
 
     def allowance(self, n_decoding: int) -> int:
         if n_decoding == 0:
             return self.max_chunk
         if self.decode_s is None or self.per_token_s is None:
             return self.start_chunk
-        room = max(self.slowdown * self.decode_s, self.floor_s) - self.decode_s
-        return max(self.min_chunk, min(self.max_chunk, int(room / self.per_token_s)))
+        room = max(self.slowdown * self.decode_s, self.floor_s) - self.decode_s - self.mix_s
+        tokens = max(room, self.mix_s) / self.per_token_s
+        return max(self.min_chunk, min(self.max_chunk, int(tokens + 1e-6)))
 
     def observe(self, seconds: float, n_decoding: int, n_prefill: int) -> None:
         """A step took ``seconds`` for ``n_decoding`` streams' tokens and ``n_prefill`` prompt tokens."""
         if n_prefill == 0:
             if n_decoding:
                 self.decode_s = self._mix(self.decode_s, seconds)
-            return
-        # A small chunk's time is mostly the decoders' (and noise): learn the token cost from
-        # chunks that dominate their step, or from steps with no decoders.
-        alone = 0.0 if n_decoding == 0 else self.decode_s
-        if alone is None or n_prefill < self.min_chunk:
-            return
-        self.per_token_s = self._mix(self.per_token_s, max(seconds - alone, 0.0) / n_prefill or 1e-6)
+        elif n_decoding == 0:
+            if n_prefill >= self.min_chunk:  # a few tokens' time is mostly fixed costs and noise
+                self.per_token_s = self._mix(self.per_token_s, seconds / n_prefill)
+        elif self.decode_s is not None and self.per_token_s is not None:
+            extra = seconds - self.decode_s - n_prefill * self.per_token_s
+            self.mix_s = max(0.0, self._mix(self.mix_s, extra))
 
     def _mix(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.ALPHA * (new - old)
+
+
+def _level(pending: Sequence[int], budget: int) -> list[int]:
+    """Split ``budget`` over ``pending`` as evenly as it goes (water-filling): every one gets
+    ``min(p, share)``, the share as large as the budget allows; leftover units go to the oldest."""
+    out = [0] * len(pending)
+    left = max(budget, 1)
+    active = [i for i, p in enumerate(pending) if p > 0]
+    while active and left > 0:
+        share = max(left // len(active), 1)
+        for i in list(active):
+            n = min(pending[i] - out[i], share, left)
+            out[i] += n
+            left -= n
+            if out[i] == pending[i]:
+                active.remove(i)
+            if left == 0:
+                break
+    return out

@@ -98,6 +98,14 @@ def test_decoders_always_get_their_token_and_prefill_shares_the_rest() -> None:
     assert share_budget([], 512) == []
 
 
+def test_prompts_with_nobody_decoding_are_levelled_so_they_end_in_one_step() -> None:
+    assert share_budget([90] * 8, 512) == [64] * 8
+    assert share_budget([26] * 8, 512) == [26] * 8  # all end together: they decode in step
+    assert share_budget([1500, 90, 90], 512) == [332, 90, 90]  # what the short ones leave
+    assert share_budget([5, 5, 5], 2) == [1, 1, 0]  # a unit each to the oldest
+    assert sum(share_budget([700, 300, 9], 512)) == 512
+
+
 @given(st.lists(st.tuples(st.integers(1, 2000), st.booleans()), min_size=1, max_size=16), st.integers(1, 1024))
 def test_budget_is_respected_and_a_step_always_progresses(seqs: list[tuple[int, bool]], budget: int) -> None:
     pending = [p for p, _ in seqs]
@@ -228,24 +236,21 @@ def test_a_short_cached_prefix_does_not_scatter_the_batch_a_long_one_may() -> No
 
 
 def test_prefill_pacer_keeps_a_step_with_a_prompt_within_its_slowdown_of_a_decode_step() -> None:
-    pacer = PrefillPacer(512, slowdown=2.0, floor_s=0.05, min_chunk=8, start_chunk=64)
+    pacer = PrefillPacer(512, slowdown=3.0, floor_s=0.05, min_chunk=8, start_chunk=64)
     assert pacer.allowance(0) == 512  # nobody decoding: nobody waits on the step
     assert pacer.allowance(8) == 64  # nothing measured yet
-    pacer.observe(1.0, 0, 300)  # a prompt alone: ~3.3 ms a token
+    pacer.observe(1.0, 0, 250)  # a prompt alone: 4 ms a token
     for _ in range(20):
         pacer.observe(0.050, 8, 0)  # eight streams decoding: 50 ms a step
-    assert pacer.allowance(8) == 15  # (2 x 50 ms - 50 ms) / 3.3 ms
-    for _ in range(20):  # a chunk beside them costs more than the prompt alone did: smaller chunks
-        pacer.observe(0.050 + 15 * 0.005, 8, 15)
-    assert pacer.allowance(8) == 10
-    for _ in range(20):  # one fast stream: the floor gives prompts room, above min_chunk
+    assert pacer.allowance(8) == 25  # (3 x 50 ms - 50 ms) / 4 ms
+    for _ in range(40):  # holding both costs one more pass (40 ms): less room for the prompt
+        pacer.observe(0.050 + 0.040 + 15 * 0.004, 8, 15)
+    assert pacer.mix_s == pytest.approx(0.040, rel=0.01)
+    assert pacer.allowance(8) == 15  # (150 - 50 - 40 ms) / 4 ms
+    for _ in range(40):  # a fast stream: the prompt still gets at least what pays for the pass
         pacer.observe(0.010, 1, 0)
-    assert pacer.allowance(1) == 8
-    pacer.observe(0.010, 1, 4)  # a chunk under min_chunk teaches nothing (noise)
-    assert pacer.per_token_s == pytest.approx(0.005, rel=0.01)
-    pacer = PrefillPacer(512, slowdown=2.0, floor_s=0.05, min_chunk=8)
-    pacer.observe(0.5, 0, 500)
-    pacer.observe(0.01, 1, 0)
-    assert pacer.allowance(1) == 40  # (50 ms - 10 ms) / 1 ms
+    assert pacer.allowance(1) in (9, 10)  # ~40 ms / 4 ms, more than the floor's room leaves
+    pacer.observe(0.010, 0, 4)  # a chunk under min_chunk teaches nothing (noise)
+    assert pacer.per_token_s == pytest.approx(0.004, rel=0.01)
     with pytest.raises(ValueError):
         PrefillPacer(512, slowdown=0.5)
