@@ -268,3 +268,27 @@ def test_role_markers_in_message_text_cannot_forge_turns(backend: LlamaCppBacken
             assert backend._tok.chat_tokens(conv, Generation()) == trusted._tok.chat_tokens(conv, Generation(), trusted=True)
     finally:
         trusted.close()
+
+
+def test_max_batch_auto_runs_only_as_many_as_it_measured_worth_a_step(default_model: Path) -> None:
+    path = os.environ.get("AXS_TEST_MODEL") or str(default_model)
+    b = LlamaCppBackend(BackendConfig(model_path=path, n_ctx=N_CTX, n_threads=2, max_batch=16, measure_batch=True))
+    b.load()
+    try:
+        cap = b._slots.max_running
+        assert cap in (8, 16)  # from 8, doubled only where 16 decode 20% faster (not on 2 threads here)
+        with pytest.raises(RequestRejected, match=f"between 1 and {cap}"):
+            b.submit(Submit(rid=1, params=SamplingParams(max_tokens=4), messages=(ChatMessage("user", "hi"),),
+                            gen=Generation(n=cap + 1)))
+        for rid in range(cap + 2):
+            b.submit(chat(rid, f"Say {rid}.", max_tokens=8))
+        b.step()
+        running, waiting = b.occupancy()
+        assert (running, waiting) == (cap, 2)  # the rest wait in the engine's queue
+        done: set[int] = set()
+        while b.has_work():
+            assert b.occupancy()[0] <= cap
+            done |= {d.rid for d in b.step() if d.finish_reason is not None}
+        assert done == set(range(cap + 2))  # every one ends
+    finally:
+        b.close()
