@@ -18,7 +18,7 @@ tests can check without a model:
   every running stream's inter-token latency, and a prompt token costs about as much as a whole
   decode step's share of it (SmolLM2 on 2 threads: ~3.3 ms a prompt token, ~50 ms a step of 8
   streams, so a 512-token chunk stalled them ~1.7 s). Measured step by step, the chunk is sized
-  so that a step with prefill takes at most ``slowdown`` (3) times a decode-only one (or
+  so that a step with prefill takes at most ``slowdown`` (4) times a decode-only one (or
   ``floor_s``): streams slow down while a prompt comes in, they do not stop.
 
 Contiguous slots matter with per-sequence KV caches (llama.cpp's non-unified mode): one
@@ -266,7 +266,7 @@ class PrefillPacer:
     ALPHA: Final = 0.25  # weight of the newest measurement
 
     def __init__(
-        self, max_chunk: int, *, slowdown: float = 3.0, floor_s: float = 0.05, min_chunk: int = 8,
+        self, max_chunk: int, *, slowdown: float = 4.0, floor_s: float = 0.05, min_chunk: int = 8,
         start_chunk: int = 64,
     ) -> None:
         if max_chunk < 1 or slowdown < 1.0:
