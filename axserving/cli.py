@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per engine step: running streams' next tokens, then prompt chunks (default: 512)",
     )
     run.add_argument(
+        "--prefill-slowdown", type=float, metavar="X",
+        help="while streams decode, a step that also prefills a prompt takes at most X times a "
+        "decode-only step; 0: whole --batch-size chunks, the streams wait for them (default: 4)",
+    )
+    run.add_argument(
         "--backend-option", action="append", type=_backend_option, default=[], metavar="KEY=VALUE",
         help="backend-specific option (repeatable)",
     )
@@ -152,6 +157,7 @@ FLAGS = {
     "model_defaults.ctx_size": "--ctx-size",
     "model_defaults.max_batch": "--max-batch",
     "model_defaults.batch_size": "--batch-size",
+    "model_defaults.prefill_slowdown": "--prefill-slowdown",
     "model_defaults.backend_options": "--backend-option",
 }
 
@@ -167,6 +173,7 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "model_defaults.ctx_size": args.ctx_size,
         "model_defaults.max_batch": args.max_batch,
         "model_defaults.batch_size": args.batch_size,
+        "model_defaults.prefill_slowdown": args.prefill_slowdown,
     }
     if args.backend_option:
         overrides["model_defaults.backend_options"] = dict(args.backend_option)

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from engine_proc.spec import DEFAULT_PREFILL_SLOWDOWN
+
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -70,6 +72,8 @@ MaxBatch = Annotated[int, msgspec.Meta(ge=1, le=256)]
 # "auto": sized to the machine's memory when the model is resolved (axserving.models.memory).
 MaxBatchSetting = MaxBatch | Literal["auto"]
 MemorySize = int | str  # bytes, or "8GiB", "512MB", ...
+# 0 (off), or at least 1: checked by check_prefill_slowdown, as msgspec cannot say "0 or >= 1".
+PrefillSlowdown = Annotated[float, msgspec.Meta(ge=0, le=1000)]
 
 
 class ModelDefaults(msgspec.Struct, **_STRICT):
@@ -81,6 +85,7 @@ class ModelDefaults(msgspec.Struct, **_STRICT):
     batch_size: BatchSize = 512
     max_batch: MaxBatchSetting = "auto"
     kv_unified: bool = False
+    prefill_slowdown: PrefillSlowdown = DEFAULT_PREFILL_SLOWDOWN
     backend_options: dict[str, str] = {}
     idle_timeout_secs: NonNegative = 0  # 0: never unloaded for idleness
 
@@ -98,6 +103,7 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     batch_size: BatchSize | None = None
     max_batch: MaxBatchSetting | None = None
     kv_unified: bool | None = None
+    prefill_slowdown: PrefillSlowdown | None = None
     backend_options: dict[str, str] | None = None
     idle_timeout_secs: NonNegative | None = None
     memory_bytes: MemorySize | None = None  # replaces the estimate made from the file
@@ -189,6 +195,7 @@ ENV_KEYS: dict[str, str] = {
     "AXS_MAX_BATCH": "model_defaults.max_batch",
     "AXS_BATCH_SIZE": "model_defaults.batch_size",
     "AXS_KV_UNIFIED": "model_defaults.kv_unified",
+    "AXS_PREFILL_SLOWDOWN": "model_defaults.prefill_slowdown",
     "AXS_IDLE_TIMEOUT_SECS": "model_defaults.idle_timeout_secs",
     "AXS_MAX_LOADED_MODELS": "lifecycle.max_loaded_models",
     "AXS_MAX_MEMORY_BYTES": "lifecycle.max_memory_bytes",
@@ -365,6 +372,14 @@ def parse_size(value: int | str, key: str) -> int:
         raise ConfigError(f"invalid configuration: {key} = {value!r}: {e}") from None
 
 
+def check_prefill_slowdown(value: float, key: str) -> None:
+    if 0 < value < 1:
+        raise ConfigError(
+            f"invalid configuration: {key} = {value!r}: expected 0 (off) or at least 1 "
+            "(how many times a decode-only step a step with a prompt chunk may take)"
+        )
+
+
 def check(settings: Settings, source: Mapping[str, str] | None = None) -> None:
     """What a struct's types cannot say: known backends, unique names, a default that exists."""
     from engine_proc.spec import BACKENDS
@@ -378,8 +393,11 @@ def check(settings: Settings, source: Mapping[str, str] | None = None) -> None:
             f"invalid configuration: model_defaults.backend = {settings.model_defaults.backend!r} "
             f"(from {origin}): expected one of {', '.join(known)}"
         )
+    check_prefill_slowdown(settings.model_defaults.prefill_slowdown, "model_defaults.prefill_slowdown")
     names: dict[str, str] = {}
     for i, m in enumerate(settings.models):
+        if m.prefill_slowdown is not None:
+            check_prefill_slowdown(m.prefill_slowdown, f"models.{i}.prefill_slowdown")
         if m.backend is not None and m.backend not in known:
             raise ConfigError(
                 f"invalid configuration: models.{i}.backend = {m.backend!r}{where}: expected one of {', '.join(known)}"

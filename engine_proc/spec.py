@@ -47,6 +47,10 @@ class BackendInfo:
         return f"backend {self.name!r} needs {', '.join(absent)}: pip install 'axserving[{self.extra}]'"
 
 
+# While streams decode, a step that also prefills a prompt takes at most this many times a
+# decode-only step (SmolLM2, 2 threads: 4 x ~50 ms): the default of ``prefill_slowdown``.
+DEFAULT_PREFILL_SLOWDOWN = 4.0
+
 BACKENDS: dict[str, BackendInfo] = {
     b.name: b
     for b in (
@@ -98,6 +102,9 @@ class BackendConfig:
     # and run no more at once (the rest of the max_batch slots keep prefix-cache entries).
     measure_batch: bool = False
     kv_unified: bool = False  # one KV pool of n_ctx cells for all sequences, else n_ctx each
+    # A step that prefills a prompt beside decoding streams takes at most this many times a
+    # decode-only step (engine_proc.backends.batching.PrefillPacer); 0: whole n_batch chunks.
+    prefill_slowdown: float = DEFAULT_PREFILL_SLOWDOWN
     embeddings: bool = False  # loaded for embeddings (pooled vectors), not generation
     pooling: str = ""  # mean, cls, last; "": the model's own (its metadata), else mean
     # Backend-specific knobs (the fake backend's delay, crash triggers, ...).

@@ -156,6 +156,7 @@ class EngineSupervisor(EngineClient):
             "inflight": conn.inflight if conn is not None else 0,
             "max_batch": self.backend_config.max_batch,
             "kv_unified": self.backend_config.kv_unified,
+            "prefill_slowdown": self.backend_config.prefill_slowdown,
             "running": stats.running if stats else 0,
             "waiting": stats.waiting if stats else 0,
             "steps": stats.steps if stats else 0,

@@ -23,6 +23,7 @@ from axserving.config import (
     ModelConfig,
     ModelDefaults,
     SamplingDefaults,
+    check_prefill_slowdown,
     parse_size,
 )
 from axserving.errors import Forbidden, UnprocessableRequest
@@ -134,6 +135,11 @@ def resolve(
         return fallback if value is None else value
 
     options = entry.backend_options if entry.backend_options is not None else defaults.backend_options
+    slowdown = pick(entry.prefill_slowdown, defaults.prefill_slowdown)
+    try:
+        check_prefill_slowdown(slowdown, "prefill_slowdown")  # type: ignore[arg-type]
+    except ConfigError as e:
+        raise UnprocessableRequest(str(e).removeprefix("invalid configuration: "), param="prefill_slowdown") from e
     engine = BackendConfig(
         model_path=path,
         n_ctx=pick(entry.ctx_size, defaults.ctx_size),  # type: ignore[arg-type]
@@ -142,6 +148,7 @@ def resolve(
         max_batch=_max_batch(pick(entry.max_batch, defaults.max_batch), info, entry, defaults),
         measure_batch=pick(entry.max_batch, defaults.max_batch) == "auto",
         kv_unified=pick(entry.kv_unified, defaults.kv_unified),  # type: ignore[arg-type]
+        prefill_slowdown=float(slowdown),  # type: ignore[arg-type]
         embeddings=entry.enable_embeddings,
         pooling=entry.pooling or "",
         options=tuple(sorted(options.items())),

@@ -31,6 +31,7 @@ class LoadRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_batch: int | None = None
     batch_size: int | None = None
     kv_unified: bool | None = None
+    prefill_slowdown: float | None = None
     pinned: bool = False
     aliases: list[str] = []
     idle_timeout_secs: int | None = None

@@ -38,6 +38,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from engine_proc.spec import DEFAULT_PREFILL_SLOWDOWN
+
 _LCP_BLOCK = 64
 # What starting a request where it opens a new run of running slots costs, in prompt tokens it
 # would have to reuse to be worth it: every step it runs beside others pays one more pass over
@@ -261,16 +263,18 @@ class PrefillPacer:
     less than ``mix_s`` (paying the extra pass for a few tokens only makes the prompt take more
     steps), nor under ``min_chunk``. With none decoding, nobody waits on the step and a prompt
     takes ``max_chunk``. Until the costs have been seen, the allowance is ``start_chunk``.
+    ``slowdown`` 0 turns pacing off: a prompt always takes ``max_chunk`` (the step's budget),
+    and the streams beside it wait for the whole chunk, as in llama.cpp's own server.
     """
 
     ALPHA: Final = 0.25  # weight of the newest measurement
 
     def __init__(
-        self, max_chunk: int, *, slowdown: float = 4.0, floor_s: float = 0.05, min_chunk: int = 8,
+        self, max_chunk: int, *, slowdown: float = DEFAULT_PREFILL_SLOWDOWN, floor_s: float = 0.05, min_chunk: int = 8,
         start_chunk: int = 64,
     ) -> None:
-        if max_chunk < 1 or slowdown < 1.0:
-            raise ValueError("max_chunk must be at least 1 and slowdown at least 1.0")
+        if max_chunk < 1 or not (slowdown == 0.0 or slowdown >= 1.0):
+            raise ValueError("max_chunk must be at least 1 and slowdown 0 (off) or at least 1.0")
         self.max_chunk = max_chunk
         self.slowdown = slowdown
         self.floor_s = floor_s
@@ -281,7 +285,7 @@ class PrefillPacer:
         self.mix_s = 0.0
 
     def allowance(self, n_decoding: int) -> int:
-        if n_decoding == 0:
+        if n_decoding == 0 or self.slowdown == 0.0:
             return self.max_chunk
         if self.decode_s is None or self.per_token_s is None:
             return self.start_chunk

@@ -85,7 +85,7 @@ class ChoiceBackend(Backend):
         one each, prompts what :class:`PrefillPacer` allows beside them. A seeded prompt's
         fixed-size chunks (see ``share_budget``) are not paced: it would wait for room forever."""
         if self._pacer is None or self._pacer.max_chunk != self._n_batch:
-            self._pacer = PrefillPacer(max(self._n_batch, 1))
+            self._pacer = PrefillPacer(max(self._n_batch, 1), slowdown=self.config.prefill_slowdown)
         pending = [s.pending for s in self._running]
         exact = [s.exact for s in self._running]
         n_decoding = pending.count(1)

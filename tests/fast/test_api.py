@@ -151,7 +151,7 @@ def test_health_and_probes(client: TestClient) -> None:
     # Paths, pids and errors are for authenticated eyes only.
     engine = client.get("/v1/admin/status").json()["models"][0]["engine"]
     assert engine["state"] == "ready" and engine["pid"] > 0 and engine["restarts"] == 0
-    assert engine["max_batch"] == 8 and engine["kv_unified"] is False
+    assert engine["max_batch"] == 8 and engine["kv_unified"] is False and engine["prefill_slowdown"] == 4.0
 
 
 def test_metrics_open_and_counting(client: TestClient) -> None:

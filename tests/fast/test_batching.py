@@ -254,3 +254,12 @@ def test_prefill_pacer_keeps_a_step_with_a_prompt_within_its_slowdown_of_a_decod
     assert pacer.per_token_s == pytest.approx(0.004, rel=0.01)
     with pytest.raises(ValueError):
         PrefillPacer(512, slowdown=0.5)
+
+
+def test_prefill_pacer_off_gives_a_prompt_the_whole_step() -> None:
+    pacer = PrefillPacer(512, slowdown=0)
+    assert pacer.allowance(8) == 512  # before anything is measured
+    pacer.observe(1.0, 0, 250)
+    for _ in range(5):
+        pacer.observe(0.050, 8, 0)
+    assert pacer.allowance(8) == 512 and pacer.allowance(0) == 512

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from axserving.config import DEFAULT_CONFIG_FILE, ConfigError, Settings, load_settings
+from axserving.config import DEFAULT_CONFIG_FILE, ConfigError, Settings, check, load_settings
 
 
 def test_documented_yaml_matches_builtin_defaults() -> None:
@@ -69,3 +69,20 @@ def test_step_budget_from_env_and_cli() -> None:
     assert load_settings(_cli_overrides(args), env={"AXS_BATCH_SIZE": "128"}).model_defaults.batch_size == 64
     with pytest.raises(ConfigError, match="batch_size"):
         load_settings(env={"AXS_BATCH_SIZE": "0"})
+
+
+def test_prefill_slowdown_from_file_env_and_cli(tmp_path: Path) -> None:
+    from axserving.cli import _cli_overrides, build_parser
+
+    assert load_settings(env={}).model_defaults.prefill_slowdown == 4.0
+    assert load_settings(env={"AXS_PREFILL_SLOWDOWN": "0"}).model_defaults.prefill_slowdown == 0.0
+    args = build_parser().parse_args(["run", "--prefill-slowdown", "2.5"])
+    settings = load_settings(_cli_overrides(args), env={"AXS_PREFILL_SLOWDOWN": "8"})
+    assert settings.model_defaults.prefill_slowdown == 2.5
+    for bad in ("0.5", "-1", "fast"):  # 0 is off; between 0 and 1 a prompt step could not be slower
+        with pytest.raises(ConfigError, match="prefill_slowdown"):
+            check(load_settings(env={"AXS_PREFILL_SLOWDOWN": bad}))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("models:\n  - id: a\n    path: fake://echo\n    prefill_slowdown: 0.9\n")
+    with pytest.raises(ConfigError, match="models.0.prefill_slowdown = 0.9"):
+        check(load_settings(env={}, config_path=str(cfg)))
