@@ -81,7 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--prefill-slowdown", type=float, metavar="X",
         help="while streams decode, a step that also prefills a prompt takes at most X times a "
-        "decode-only step; 0: whole --batch-size chunks, the streams wait for them (default: 4)",
+        "decode-only step, or --prefill-stall-ms if longer; 0: whole --batch-size chunks, the "
+        "streams wait for them (default: 4)",
+    )
+    run.add_argument(
+        "--prefill-stall-ms", type=int, metavar="MS",
+        help="a step that also prefills a prompt beside decoding streams may always take this long "
+        "(default: 50; 500 lets a ~100-token prompt in whole here)",
     )
     run.add_argument(
         "--backend-option", action="append", type=_backend_option, default=[], metavar="KEY=VALUE",
@@ -158,6 +164,7 @@ FLAGS = {
     "model_defaults.max_batch": "--max-batch",
     "model_defaults.batch_size": "--batch-size",
     "model_defaults.prefill_slowdown": "--prefill-slowdown",
+    "model_defaults.prefill_stall_ms": "--prefill-stall-ms",
     "model_defaults.backend_options": "--backend-option",
 }
 
@@ -174,6 +181,7 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "model_defaults.max_batch": args.max_batch,
         "model_defaults.batch_size": args.batch_size,
         "model_defaults.prefill_slowdown": args.prefill_slowdown,
+        "model_defaults.prefill_stall_ms": args.prefill_stall_ms,
     }
     if args.backend_option:
         overrides["model_defaults.backend_options"] = dict(args.backend_option)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from engine_proc.spec import DEFAULT_PREFILL_SLOWDOWN
+from engine_proc.spec import DEFAULT_PREFILL_SLOWDOWN, DEFAULT_PREFILL_STALL_MS
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -74,6 +74,7 @@ MaxBatchSetting = MaxBatch | Literal["auto"]
 MemorySize = int | str  # bytes, or "8GiB", "512MB", ...
 # 0 (off), or at least 1: checked by check_prefill_slowdown, as msgspec cannot say "0 or >= 1".
 PrefillSlowdown = Annotated[float, msgspec.Meta(ge=0, le=1000)]
+StallMs = Annotated[int, msgspec.Meta(ge=0, le=600_000)]
 
 
 class ModelDefaults(msgspec.Struct, **_STRICT):
@@ -86,6 +87,7 @@ class ModelDefaults(msgspec.Struct, **_STRICT):
     max_batch: MaxBatchSetting = "auto"
     kv_unified: bool = False
     prefill_slowdown: PrefillSlowdown = DEFAULT_PREFILL_SLOWDOWN
+    prefill_stall_ms: StallMs = DEFAULT_PREFILL_STALL_MS
     backend_options: dict[str, str] = {}
     idle_timeout_secs: NonNegative = 0  # 0: never unloaded for idleness
 
@@ -104,6 +106,7 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     max_batch: MaxBatchSetting | None = None
     kv_unified: bool | None = None
     prefill_slowdown: PrefillSlowdown | None = None
+    prefill_stall_ms: StallMs | None = None
     backend_options: dict[str, str] | None = None
     idle_timeout_secs: NonNegative | None = None
     memory_bytes: MemorySize | None = None  # replaces the estimate made from the file
@@ -196,6 +199,7 @@ ENV_KEYS: dict[str, str] = {
     "AXS_BATCH_SIZE": "model_defaults.batch_size",
     "AXS_KV_UNIFIED": "model_defaults.kv_unified",
     "AXS_PREFILL_SLOWDOWN": "model_defaults.prefill_slowdown",
+    "AXS_PREFILL_STALL_MS": "model_defaults.prefill_stall_ms",
     "AXS_IDLE_TIMEOUT_SECS": "model_defaults.idle_timeout_secs",
     "AXS_MAX_LOADED_MODELS": "lifecycle.max_loaded_models",
     "AXS_MAX_MEMORY_BYTES": "lifecycle.max_memory_bytes",

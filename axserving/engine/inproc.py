@@ -113,7 +113,8 @@ class InprocEngineClient(EngineClient):
             "state": self.state.value, "pid": None, "restarts": 0, "backend": "inproc",
             "last_error": self.last_error, "inflight": self.inflight, "max_batch": self.config.max_batch,
             "kv_unified": self.config.kv_unified,
-            "prefill_slowdown": self.config.prefill_slowdown, "running": self.inflight, "waiting": 0,
+            "prefill_slowdown": self.config.prefill_slowdown,
+            "prefill_stall_ms": self.config.prefill_stall_ms, "running": self.inflight, "waiting": 0,
             "kv_usage": self._backend.kv_usage(), "preemptions_total": self._backend.preemptions,
             "prefill_tokens_total": self._backend.prefill_tokens, "rss_bytes": 0,  # it runs in the front
         }

@@ -157,6 +157,7 @@ class EngineSupervisor(EngineClient):
             "max_batch": self.backend_config.max_batch,
             "kv_unified": self.backend_config.kv_unified,
             "prefill_slowdown": self.backend_config.prefill_slowdown,
+            "prefill_stall_ms": self.backend_config.prefill_stall_ms,
             "running": stats.running if stats else 0,
             "waiting": stats.waiting if stats else 0,
             "steps": stats.steps if stats else 0,

@@ -149,6 +149,7 @@ def resolve(
         measure_batch=pick(entry.max_batch, defaults.max_batch) == "auto",
         kv_unified=pick(entry.kv_unified, defaults.kv_unified),  # type: ignore[arg-type]
         prefill_slowdown=float(slowdown),  # type: ignore[arg-type]
+        prefill_stall_ms=pick(entry.prefill_stall_ms, defaults.prefill_stall_ms),  # type: ignore[arg-type]
         embeddings=entry.enable_embeddings,
         pooling=entry.pooling or "",
         options=tuple(sorted(options.items())),

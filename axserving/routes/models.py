@@ -32,6 +32,7 @@ class LoadRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batch_size: int | None = None
     kv_unified: bool | None = None
     prefill_slowdown: float | None = None
+    prefill_stall_ms: int | None = None
     pinned: bool = False
     aliases: list[str] = []
     idle_timeout_secs: int | None = None

@@ -18,8 +18,9 @@ tests can check without a model:
   every running stream's inter-token latency, and a prompt token costs about as much as a whole
   decode step's share of it (SmolLM2 on 2 threads: ~3.3 ms a prompt token, ~50 ms a step of 8
   streams, so a 512-token chunk stalled them ~1.7 s). Measured step by step, the chunk is sized
-  so that a step with prefill takes at most ``slowdown`` (4) times a decode-only one (or
-  ``floor_s``): streams slow down while a prompt comes in, they do not stop.
+  so that a step with prefill takes at most ``slowdown`` (4) times a decode-only one, or
+  ``floor_s`` (50 ms) if that is longer: streams slow down while a prompt comes in, they do not
+  stop for it.
 
 Contiguous slots matter with per-sequence KV caches (llama.cpp's non-unified mode): one
 ``llama_decode`` is computed in micro-batches that each cover a run of consecutive sequence ids,
@@ -38,7 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from engine_proc.spec import DEFAULT_PREFILL_SLOWDOWN
+from engine_proc.spec import DEFAULT_PREFILL_SLOWDOWN, DEFAULT_PREFILL_STALL_MS
 
 _LCP_BLOCK = 64
 # What starting a request where it opens a new run of running slots costs, in prompt tokens it
@@ -261,7 +262,9 @@ class PrefillPacer:
     on SmolLM2). With streams decoding, the allowance keeps the step within
     ``max(slowdown * decode_s, floor_s)``, but is never so small that the prompt's own work is
     less than ``mix_s`` (paying the extra pass for a few tokens only makes the prompt take more
-    steps), nor under ``min_chunk``. With none decoding, nobody waits on the step and a prompt
+    steps), nor under ``min_chunk``; and prompts that would leave less than a quarter of an
+    allowance for another step take it now (that step would pay a whole pass for a few tokens).
+    With none decoding, nobody waits on the step and a prompt
     takes ``max_chunk``. Until the costs have been seen, the allowance is ``start_chunk``.
     ``slowdown`` 0 turns pacing off: a prompt always takes ``max_chunk`` (the step's budget),
     and the streams beside it wait for the whole chunk, as in llama.cpp's own server.
@@ -270,7 +273,8 @@ class PrefillPacer:
     ALPHA: Final = 0.25  # weight of the newest measurement
 
     def __init__(
-        self, max_chunk: int, *, slowdown: float = DEFAULT_PREFILL_SLOWDOWN, floor_s: float = 0.05, min_chunk: int = 8,
+        self, max_chunk: int, *, slowdown: float = DEFAULT_PREFILL_SLOWDOWN,
+        floor_s: float = DEFAULT_PREFILL_STALL_MS / 1000, min_chunk: int = 8,
         start_chunk: int = 64,
     ) -> None:
         if max_chunk < 1 or not (slowdown == 0.0 or slowdown >= 1.0):
@@ -284,14 +288,18 @@ class PrefillPacer:
         self.per_token_s: float | None = None
         self.mix_s = 0.0
 
-    def allowance(self, n_decoding: int) -> int:
+    def allowance(self, n_decoding: int, pending: int = 0) -> int:
+        """Prompt tokens for the next step, beside ``n_decoding`` streams, ``pending`` the prompt
+        tokens waiting (0: not known)."""
         if n_decoding == 0 or self.slowdown == 0.0:
             return self.max_chunk
         if self.decode_s is None or self.per_token_s is None:
             return self.start_chunk
         room = max(self.slowdown * self.decode_s, self.floor_s) - self.decode_s - self.mix_s
-        tokens = max(room, self.mix_s) / self.per_token_s
-        return max(self.min_chunk, min(self.max_chunk, int(tokens + 1e-6)))
+        tokens = int(max(room, self.mix_s) / self.per_token_s + 1e-6)
+        if tokens < pending <= tokens + tokens // 4:
+            tokens = pending
+        return max(self.min_chunk, min(self.max_chunk, tokens))
 
     def observe(self, seconds: float, n_decoding: int, n_prefill: int) -> None:
         """A step took ``seconds`` for ``n_decoding`` streams' tokens and ``n_prefill`` prompt tokens."""

@@ -85,13 +85,17 @@ class ChoiceBackend(Backend):
         one each, prompts what :class:`PrefillPacer` allows beside them. A seeded prompt's
         fixed-size chunks (see ``share_budget``) are not paced: it would wait for room forever."""
         if self._pacer is None or self._pacer.max_chunk != self._n_batch:
-            self._pacer = PrefillPacer(max(self._n_batch, 1), slowdown=self.config.prefill_slowdown)
+            self._pacer = PrefillPacer(
+                max(self._n_batch, 1), slowdown=self.config.prefill_slowdown,
+                floor_s=self.config.prefill_stall_ms / 1000,
+            )
         pending = [s.pending for s in self._running]
         exact = [s.exact for s in self._running]
         n_decoding = pending.count(1)
         budget = self._n_batch
         if not any(e and p > 1 for e, p in zip(exact, pending, strict=True)):
-            budget = min(budget, n_decoding + self._pacer.allowance(n_decoding))
+            prompts = sum(p for p in pending if p > 1)
+            budget = min(budget, n_decoding + self._pacer.allowance(n_decoding, prompts))
         plan = share_budget(pending, budget, exact, max(self._n_batch - self._slots.n_slots, 1))
         self._mix = (n_decoding, sum(plan) - n_decoding)
         return plan

@@ -256,6 +256,21 @@ def test_prefill_pacer_keeps_a_step_with_a_prompt_within_its_slowdown_of_a_decod
         PrefillPacer(512, slowdown=0.5)
 
 
+def test_prefill_pacer_takes_a_short_prompt_whole_within_its_stall_floor() -> None:
+    pacer = PrefillPacer(512, floor_s=0.5)  # 4x a decode step, or 500 ms
+    pacer.observe(1.0, 0, 250)  # 4 ms a prompt token
+    for _ in range(20):
+        pacer.observe(0.050, 8, 0)
+    assert pacer.allowance(8) == 112  # (500 - 50 ms) / 4 ms: 4 x 50 ms would leave 37
+    assert pacer.allowance(8, pending=100) == 112
+    # A remainder of a quarter of an allowance or less is not left for a step of its own.
+    assert pacer.allowance(8, pending=140) == 140
+    assert pacer.allowance(8, pending=141) == 112
+    for _ in range(100):  # slower steps (more streams, a bigger model): the slowdown governs
+        pacer.observe(0.200, 8, 0)
+    assert pacer.allowance(8) == 150  # (4 x 200 - 200 ms) / 4 ms
+
+
 def test_prefill_pacer_off_gives_a_prompt_the_whole_step() -> None:
     pacer = PrefillPacer(512, slowdown=0)
     assert pacer.allowance(8) == 512  # before anything is measured
