@@ -255,8 +255,10 @@ def share_budget(
 class PrefillPacer:
     """The prompt tokens a step may prefill beside decoding streams, from measured step times.
 
-    Three costs, moving averages of what :meth:`observe` is told: ``decode_s``, a step of the
-    decoding streams alone; ``per_token_s``, a prompt token in a step with no streams decoding;
+    Three costs, moving averages of what :meth:`observe` is told: :meth:`decode_s`, a step of
+    ``n`` decoding streams alone, kept per ``n`` (one stream took 11 ms here, eight 50 ms: a
+    single average over both sized the chunks beside five streams for an 11 ms step, 8 tokens
+    each); ``per_token_s``, a prompt token in a step with no streams decoding;
     ``mix_s``, what a step pays once for holding both (with per-sequence KV caches the prompt's
     tokens are a micro-batch of their own: one more pass over the weights, about a decode step
     on SmolLM2). With streams decoding, the allowance keeps the step within
@@ -284,18 +286,27 @@ class PrefillPacer:
         self.floor_s = floor_s
         self.min_chunk = max(1, min(min_chunk, max_chunk))
         self.start_chunk = max(self.min_chunk, min(start_chunk, max_chunk))
-        self.decode_s: float | None = None
+        self._decode: dict[int, float] = {}  # decoding streams -> a decode-only step's time
         self.per_token_s: float | None = None
         self.mix_s = 0.0
+
+    def decode_s(self, n: int) -> float | None:
+        """A decode-only step of ``n`` streams: as measured, else the nearest size measured,
+        scaled by the streams' ratio (an overestimate above it, an underestimate below)."""
+        if n in self._decode or not self._decode:
+            return self._decode.get(n)
+        near = min(self._decode, key=lambda m: (abs(m - n), -m))
+        return self._decode[near] * n / near
 
     def allowance(self, n_decoding: int, pending: int = 0) -> int:
         """Prompt tokens for the next step, beside ``n_decoding`` streams, ``pending`` the prompt
         tokens waiting (0: not known)."""
         if n_decoding == 0 or self.slowdown == 0.0:
             return self.max_chunk
-        if self.decode_s is None or self.per_token_s is None:
+        decode_s = self.decode_s(n_decoding)
+        if decode_s is None or self.per_token_s is None:
             return self.start_chunk
-        room = max(self.slowdown * self.decode_s, self.floor_s) - self.decode_s - self.mix_s
+        room = max(self.slowdown * decode_s, self.floor_s) - decode_s - self.mix_s
         tokens = int(max(room, self.mix_s) / self.per_token_s + 1e-6)
         if tokens < pending <= tokens + tokens // 4:
             tokens = pending
@@ -305,12 +316,12 @@ class PrefillPacer:
         """A step took ``seconds`` for ``n_decoding`` streams' tokens and ``n_prefill`` prompt tokens."""
         if n_prefill == 0:
             if n_decoding:
-                self.decode_s = self._mix(self.decode_s, seconds)
+                self._decode[n_decoding] = self._mix(self._decode.get(n_decoding), seconds)
         elif n_decoding == 0:
             if n_prefill >= self.min_chunk:  # a few tokens' time is mostly fixed costs and noise
                 self.per_token_s = self._mix(self.per_token_s, seconds / n_prefill)
-        elif self.decode_s is not None and self.per_token_s is not None:
-            extra = seconds - self.decode_s - n_prefill * self.per_token_s
+        elif (decode_s := self.decode_s(n_decoding)) is not None and self.per_token_s is not None:
+            extra = seconds - decode_s - n_prefill * self.per_token_s
             self.mix_s = max(0.0, self._mix(self.mix_s, extra))
 
     def _mix(self, old: float | None, new: float) -> float:

@@ -271,6 +271,22 @@ def test_prefill_pacer_takes_a_short_prompt_whole_within_its_stall_floor() -> No
     assert pacer.allowance(8) == 150  # (4 x 200 - 200 ms) / 4 ms
 
 
+def test_prefill_pacer_knows_a_decode_step_by_its_streams() -> None:
+    pacer = PrefillPacer(512, slowdown=4.0, floor_s=0.05)
+    pacer.observe(1.0, 0, 250)  # 4 ms a prompt token
+    for _ in range(30):
+        pacer.observe(0.011, 1, 0)  # one stream alone (a warm-up request)
+    assert pacer.allowance(1) == 9  # (max(4 x 11 ms, 50 ms) - 11 ms) / 4 ms
+    # Five streams, not measured alone yet: from one stream's step, scaled (5 x 11 ms).
+    assert pacer.decode_s(5) == pytest.approx(0.055, rel=0.01)
+    assert pacer.allowance(5) == 41  # (4 x 55 - 55 ms) / 4 ms
+    for _ in range(30):
+        pacer.observe(0.040, 5, 0)
+    assert pacer.decode_s(5) == pytest.approx(0.040, rel=0.01)
+    assert pacer.decode_s(1) == pytest.approx(0.011, rel=0.01)
+    assert pacer.allowance(5) == 30 and pacer.allowance(4) == 24  # 4 streams: 4/5 of 40 ms
+
+
 def test_prefill_pacer_off_gives_a_prompt_the_whole_step() -> None:
     pacer = PrefillPacer(512, slowdown=0)
     assert pacer.allowance(8) == 512  # before anything is measured

@@ -142,3 +142,37 @@ def test_a_closed_connection_reports_no_heartbeat_age() -> None:
         assert conn.heartbeat_age() == 0.0 and not conn.heartbeat_stale()
 
     asyncio.run(main())
+
+
+def test_an_idle_engine_gathers_a_burst_into_its_first_step(loop: tuple[FrontEnd, EngineLoop]) -> None:
+    """Requests sent together reach the engine spread over some ms (the front takes them one by
+    one): an idle engine waits for the rest of a burst before its first step, so they prefill
+    together and decode in step; a lone request waits only the short first window."""
+    import threading
+
+    from engine_proc.main import GATHER_BURST_QUIET_S, GATHER_QUIET_S, GATHER_S
+
+    front, engine = loop
+    gaps = (0.002, GATHER_QUIET_S + 0.004)  # the second gap: longer than a lone request's wait
+
+    def send() -> None:
+        for rid, gap in enumerate(gaps, start=1):
+            time.sleep(gap)
+            submit(front, rid, 5)
+
+    assert GATHER_QUIET_S < gaps[1] < GATHER_BURST_QUIET_S and sum(gaps) < GATHER_S
+    sender = threading.Thread(target=send)
+    submit(front, 0, 5)
+    sender.start()
+    engine.run_once()
+    sender.join()
+    assert (engine.taken, engine.steps) == (3, 1)  # all three in the first step
+
+    while engine.backend.has_work():
+        engine.run_once()
+    front.drain()
+    submit(front, 10, 5)
+    steps, start = engine.steps, time.monotonic()
+    engine.run_once()
+    assert (engine.taken, engine.steps) == (4, steps + 1)
+    assert time.monotonic() - start < GATHER_S  # alone: it did not wait the whole window
