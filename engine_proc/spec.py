@@ -51,9 +51,9 @@ class BackendInfo:
 # decode-only step (SmolLM2, 2 threads: 4 x ~50 ms): the default of ``prefill_slowdown``.
 DEFAULT_PREFILL_SLOWDOWN = 4.0
 # ... or this long, whichever is more. 500 ms here lets a short prompt (~100 tokens) in whole, in
-# one step that pays one extra pass over the weights instead of four; but closed-loop clients
-# whose requests started together then drift apart (each new prompt a 0.5 s gap for all, ITL p99
-# x6.9 against llama-server at 8 streams), where at 50 ms they stay in step (x0.93).
+# one step that pays one extra pass over the weights instead of four, for a half-second gap in
+# every stream; measured against llama-server (fixed 8, poisson, long prompts) it won no figure
+# clearly over 50 ms and cost long prompts' short streams ITL p99 (x7.4 against x0.9-4.6).
 DEFAULT_PREFILL_STALL_MS = 50
 
 BACKENDS: dict[str, BackendInfo] = {
