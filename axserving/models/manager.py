@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from axserving.config import ModelConfig, Settings, parse_size
+from axserving.config import ModelConfig, Settings
 from axserving.engine.client import EngineClient, EngineState, StateListener
 from axserving.errors import (
     Conflict,
@@ -210,10 +210,7 @@ class ModelManager:
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
         lifecycle = settings.lifecycle
-        budget = lifecycle.max_memory_bytes
-        self.memory_budget = (
-            memory.default_budget() if budget is None else parse_size(budget, "lifecycle.max_memory_bytes")
-        )
+        self.memory_budget = memory.budget(lifecycle.max_memory_bytes)
         self.evictions: dict[EvictReason, int] = {r: 0 for r in EvictReason}
         self.default_model = settings.default_model or (settings.models[0].id if settings.models else None)
 
@@ -258,7 +255,8 @@ class ModelManager:
     async def _resolve(self, config: ModelConfig) -> ModelSpec:
         s = self.settings
         return await asyncio.to_thread(
-            resolve, config, s.model_defaults, s.model_store.cache_dir, s.lifecycle.allowed_dirs
+            resolve, config, s.model_defaults, s.model_store.cache_dir, s.lifecycle.allowed_dirs,
+            memory_budget=self.memory_budget,
         )
 
     async def start(self) -> None:

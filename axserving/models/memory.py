@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from axserving.config import parse_size
+
 ENGINE_OVERHEAD_BYTES = 160 << 20  # a spawned interpreter with llama-cpp-python, compute buffers
 DEFAULT_BUDGET_SHARE = 0.75
 _KV_CELL_ROUND = 256  # llama.cpp rounds a context up to a multiple of this
@@ -58,6 +60,11 @@ def physical_memory() -> int:
 
 def default_budget() -> int:
     return int(physical_memory() * DEFAULT_BUDGET_SHARE)
+
+
+def budget(max_memory_bytes: int | str | None) -> int:
+    """``lifecycle.max_memory_bytes`` in bytes: as set, else :func:`default_budget`."""
+    return default_budget() if max_memory_bytes is None else parse_size(max_memory_bytes, "lifecycle.max_memory_bytes")
 
 
 def fmt(n: int) -> str:

@@ -87,11 +87,13 @@ def resolve(
     defaults: ModelDefaults,
     cache_dir: str,
     allowed_dirs: tuple[str, ...] = (),
+    memory_budget: int | None = None,
 ) -> ModelSpec:
     """Check the entry's file and fill in everything its engine needs. Raises
     :class:`~axserving.errors.UnprocessableRequest` (422) for a missing or unusable file or a
     backend that cannot serve it, :class:`~axserving.errors.Forbidden` (403) outside
-    ``allowed_dirs``."""
+    ``allowed_dirs``. ``memory_budget`` (``lifecycle.max_memory_bytes``; None: the machine's
+    default) sizes ``max_batch: auto``."""
     backend = entry.backend or defaults.backend
     recommended: dict[str, float] = {}
     info: gguf.GGUFInfo | None = None
@@ -145,7 +147,7 @@ def resolve(
         n_ctx=pick(entry.ctx_size, defaults.ctx_size),  # type: ignore[arg-type]
         n_threads=pick(entry.threads, defaults.threads),  # type: ignore[arg-type]
         n_batch=pick(entry.batch_size, defaults.batch_size),  # type: ignore[arg-type]
-        max_batch=_max_batch(pick(entry.max_batch, defaults.max_batch), info, entry, defaults),
+        max_batch=_max_batch(pick(entry.max_batch, defaults.max_batch), info, entry, defaults, memory_budget),
         measure_batch=pick(entry.max_batch, defaults.max_batch) == "auto",
         kv_unified=pick(entry.kv_unified, defaults.kv_unified),  # type: ignore[arg-type]
         prefill_slowdown=float(slowdown),  # type: ignore[arg-type]
@@ -243,14 +245,16 @@ def _check_format(path: Path, backend: str, fmt: ModelFormat) -> None:
         raise UnprocessableRequest(missing, param="backend", code="backend_unavailable")
 
 
-def _max_batch(value: object, info: gguf.GGUFInfo | None, entry: ModelConfig, defaults: ModelDefaults) -> int:
-    """The model's max_batch: as set, or for "auto" sized to the machine's memory."""
+def _max_batch(
+    value: object, info: gguf.GGUFInfo | None, entry: ModelConfig, defaults: ModelDefaults, budget: int | None
+) -> int:
+    """The model's max_batch: as set, or for "auto" sized to the memory budget."""
     if value != "auto":
         return int(value)  # type: ignore[call-overload]
     ctx_size = entry.ctx_size if entry.ctx_size is not None else defaults.ctx_size
     kv_unified = entry.kv_unified if entry.kv_unified is not None else defaults.kv_unified
     per_cell = info.kv_bytes_per_token() if info is not None else None
-    return memory.auto_max_batch(ctx_size, kv_unified, per_cell)
+    return memory.auto_max_batch(ctx_size, kv_unified, per_cell, budget)
 
 
 def _estimate(path: str, info: gguf.GGUFInfo | None, engine: BackendConfig) -> int:

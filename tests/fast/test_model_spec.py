@@ -129,6 +129,16 @@ def test_entry_settings_override_model_defaults(tmp_path: Path) -> None:
     assert given.memory_bytes == int(1.5 * 2**30) and not given.memory_estimated
 
 
+def test_max_batch_auto_fits_the_configured_memory_budget(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf", LLAMA)  # 512 bytes of KV a token
+    defaults = ModelDefaults(ctx_size=4096)
+    roomy = resolve(ModelConfig(id="m", path=str(path)), defaults, str(tmp_path), memory_budget=1 << 40)
+    assert roomy.engine.max_batch == memory.AUTO_MAX_BATCH
+    # A quarter of 16 MiB holds 4096 x 512 bytes of KV twice: 2 sequences, not the machine's 16.
+    tight = resolve(ModelConfig(id="m", path=str(path)), defaults, str(tmp_path), memory_budget=16 << 20)
+    assert tight.engine.max_batch == 2
+
+
 def test_backend_that_cannot_load_the_file(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "m.gguf", LLAMA)
     mlx_dir = tmp_path / "mlx-model"
