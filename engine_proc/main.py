@@ -41,6 +41,12 @@ RECORDS_PER_TURN = 32  # requests taken in per loop turn, before the next step
 GATHER_S = 0.060
 GATHER_QUIET_S = 0.006
 GATHER_BURST_QUIET_S = 0.020
+# A lone client's next request does not wait: when the last gather found no company, the step that
+# left the engine idle finished one request, and the engine has been idle under LONE_IDLE_S (a
+# closed-loop client's turn-around), its request starts at once (a single stream's TTFT was the
+# first window longer). Company arriving within GATHER_S of such a start, or a step finishing
+# several requests (their clients will be back together), brings the wait back.
+LONE_IDLE_S = 1.0
 
 
 class EngineLoop:
@@ -58,6 +64,10 @@ class EngineLoop:
         self._process = psutil.Process()
         self._max_step = 0.0  # slowest step since the last Stats (0 with native beats)
         self.native_beats = False  # the backend beats inside its steps
+        self.gathers = 0  # idle starts that waited for company
+        self._lone = False  # the last idle start found no company, and the engine went idle after one
+        self._idle_at = 0.0  # when the last step left the engine without work
+        self._alone_at: float | None = None  # a request started without waiting, at
 
     def front_alive(self) -> bool:
         return os.getppid() == self.spec.front_pid
@@ -141,16 +151,12 @@ class EngineLoop:
         idle, before = not backend.has_work(), self.taken
         if not self._take_records():
             return
-        if idle and backend.has_work():
-            deadline = time.monotonic() + GATHER_S
-            while (left := deadline - time.monotonic()) > 0:
-                burst = self.taken - before > 1
-                channel.wait(min(left, GATHER_BURST_QUIET_S if burst else GATHER_QUIET_S))
-                taken = self.taken
-                if not self._take_records():
-                    return
-                if self.taken == taken:
-                    break
+        if self._alone_at is not None and self.taken > before:
+            if not idle and time.monotonic() - self._alone_at < GATHER_S:
+                self._lone = False  # company came after all: the next idle start waits again
+            self._alone_at = None
+        if idle and backend.has_work() and not self._gather(before):
+            return
         if backend.has_work():
             began = time.monotonic()
             deltas = backend.step()
@@ -158,6 +164,10 @@ class EngineLoop:
                 self._max_step = max(self._max_step, time.monotonic() - began)
             self.steps += 1
             self.tokens += sum(d.n_tokens for d in deltas)
+            if not backend.has_work():
+                self._idle_at = time.monotonic()
+                if sum(1 for d in deltas if d.finish_reason is not None) > 1:
+                    self._lone = False
             self.publish(deltas)
             if backend.dropped:
                 for rid in backend.dropped:
@@ -172,6 +182,26 @@ class EngineLoop:
             if not self.front_alive():
                 log.warning("front process is gone; engine exiting")
                 self.running = False
+
+    def _gather(self, before: int) -> bool:
+        """An idle engine's first request came: take in the others sent with it (see GATHER_S),
+        unless it is a lone client's next request. False once the loop should stop."""
+        now = time.monotonic()
+        if self._lone and self.taken - before == 1 and now - self._idle_at < LONE_IDLE_S:
+            self._alone_at = now
+            return True
+        self.gathers += 1
+        deadline = now + GATHER_S
+        while (left := deadline - time.monotonic()) > 0:
+            burst = self.taken - before > 1
+            self.channel.wait(min(left, GATHER_BURST_QUIET_S if burst else GATHER_QUIET_S))
+            taken = self.taken
+            if not self._take_records():
+                return False
+            if self.taken == taken:
+                break
+        self._lone = self.taken - before == 1
+        return True
 
     def _take_records(self) -> bool:
         """Take in what the front sent, a bounded number (beating after each); False once the

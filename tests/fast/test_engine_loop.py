@@ -176,3 +176,34 @@ def test_an_idle_engine_gathers_a_burst_into_its_first_step(loop: tuple[FrontEnd
     engine.run_once()
     assert (engine.taken, engine.steps) == (4, steps + 1)
     assert time.monotonic() - start < GATHER_S  # alone: it did not wait the whole window
+
+
+def test_a_lone_clients_next_request_starts_without_waiting(loop: tuple[FrontEnd, EngineLoop]) -> None:
+    """A closed-loop single client: once a gather found no company, its next request (the engine
+    idle a moment after finishing one) starts at once; a step that finishes several requests
+    brings the wait back, for their clients will be back together."""
+    front, engine = loop
+
+    def run_alone(rid: int) -> None:
+        submit(front, rid, 5)
+        engine.run_once()
+        while engine.backend.has_work():
+            engine.run_once()
+        front.drain()
+
+    run_alone(0)
+    assert engine.gathers == 1  # nothing known yet: it waited for company, and none came
+    run_alone(1)
+    run_alone(2)
+    assert engine.gathers == 1  # a lone client's next requests did not wait
+
+    for rid in (3, 4):  # two together: a burst, gathered; they finish in one step
+        submit(front, rid, 5)
+    engine.run_once()
+    assert engine.gathers == 2
+    while engine.backend.has_work():
+        engine.run_once()
+    front.drain()
+    gathers = engine.gathers
+    run_alone(5)
+    assert engine.gathers == gathers + 1  # their clients may come back together: it waits again

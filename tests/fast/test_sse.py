@@ -61,6 +61,17 @@ def test_frames_every_event_and_ends_the_body() -> None:
     assert client.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
 
 
+@pytest.mark.parametrize("event", ['{"a":"\\u00e9"}', "[DONE]", "", "two\nlines", "cr\r\nlf", ("message_start", "{}")])
+def test_framing_is_sse_starlettes(event: str | tuple[str, str]) -> None:
+    """One-line events take a short path: the bytes must be what ServerSentEvent writes."""
+    from sse_starlette.event import ServerSentEvent
+
+    from axserving.sse import frame
+
+    data, name = (event[1], event[0]) if isinstance(event, tuple) else (event, None)
+    assert frame(event) == ServerSentEvent(data=data, event=name, sep="\n").encode()
+
+
 def test_an_idle_stream_gets_keepalive_comments() -> None:
     async def events() -> AsyncIterator[str]:
         yield "1"
