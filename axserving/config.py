@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from engine_proc.spec import DEFAULT_PREFILL_SLOWDOWN, DEFAULT_PREFILL_STALL_MS
+from engine_proc.spec import DEFAULT_FLASH_ATTN, DEFAULT_PREFILL_SLOWDOWN, DEFAULT_PREFILL_STALL_MS
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -75,6 +75,7 @@ MemorySize = int | str  # bytes, or "8GiB", "512MB", ...
 # 0 (off), or at least 1: checked by check_prefill_slowdown, as msgspec cannot say "0 or >= 1".
 PrefillSlowdown = Annotated[float, msgspec.Meta(ge=0, le=1000)]
 StallMs = Annotated[int, msgspec.Meta(ge=0, le=600_000)]
+FlashAttn = bool | Literal["auto"]  # "auto": llama.cpp decides (on wherever it can run)
 
 
 class ModelDefaults(msgspec.Struct, **_STRICT):
@@ -88,6 +89,7 @@ class ModelDefaults(msgspec.Struct, **_STRICT):
     kv_unified: bool = False
     prefill_slowdown: PrefillSlowdown = DEFAULT_PREFILL_SLOWDOWN
     prefill_stall_ms: StallMs = DEFAULT_PREFILL_STALL_MS
+    flash_attn: FlashAttn = "auto" if DEFAULT_FLASH_ATTN is None else DEFAULT_FLASH_ATTN
     backend_options: dict[str, str] = {}
     idle_timeout_secs: NonNegative = 0  # 0: never unloaded for idleness
 
@@ -107,6 +109,7 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     kv_unified: bool | None = None
     prefill_slowdown: PrefillSlowdown | None = None
     prefill_stall_ms: StallMs | None = None
+    flash_attn: FlashAttn | None = None
     backend_options: dict[str, str] | None = None
     idle_timeout_secs: NonNegative | None = None
     memory_bytes: MemorySize | None = None  # replaces the estimate made from the file
@@ -200,6 +203,7 @@ ENV_KEYS: dict[str, str] = {
     "AXS_KV_UNIFIED": "model_defaults.kv_unified",
     "AXS_PREFILL_SLOWDOWN": "model_defaults.prefill_slowdown",
     "AXS_PREFILL_STALL_MS": "model_defaults.prefill_stall_ms",
+    "AXS_FLASH_ATTN": "model_defaults.flash_attn",
     "AXS_IDLE_TIMEOUT_SECS": "model_defaults.idle_timeout_secs",
     "AXS_MAX_LOADED_MODELS": "lifecycle.max_loaded_models",
     "AXS_MAX_MEMORY_BYTES": "lifecycle.max_memory_bytes",
@@ -265,6 +269,12 @@ def _parse_bool(raw: str) -> bool | str:
     return raw  # left for validation to reject, naming the key
 
 
+def parse_flash_attn(raw: str) -> bool | str:
+    """``on``/``off`` (or true/false, 1/0) as booleans; ``auto`` and anything else as given, for
+    validation to accept or reject naming the key."""
+    return raw.strip().lower() if raw.strip().lower() == "auto" else _parse_bool(raw)
+
+
 def config_file(cli_path: str | None, env: Mapping[str, str]) -> Path | None:
     if cli_path:
         return Path(cli_path)
@@ -320,6 +330,8 @@ def load_traced(
             parsed: Any = raw
             if key == "auth.allow_no_auth":
                 parsed = _parse_bool(raw)
+            elif key == "model_defaults.flash_attn":
+                parsed = parse_flash_attn(raw)
             elif key == "lifecycle.allowed_dirs":
                 parsed = [d.strip() for d in raw.split(",") if d.strip()]
             _set(tree, key, parsed)

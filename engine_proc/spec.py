@@ -55,6 +55,16 @@ DEFAULT_PREFILL_SLOWDOWN = 4.0
 # every stream; measured against llama-server (fixed 8, poisson, long prompts) it won no figure
 # clearly over 50 ms and cost long prompts' short streams ITL p99 (x7.4 against x0.9-4.6).
 DEFAULT_PREFILL_STALL_MS = 50
+# llama.cpp's attention kernel for generation: False (its plain matrix products) by default.
+# perf/attention_kernels.py on this CPU (SmolLM2 Q4_1, 2 threads, split KV), a decode step
+# without flash attention against with it: 1.03 / 1.05 / 1.16x the time at 1 / 8 / 16 sequences
+# of 250 tokens of context each, 0.84 / 0.78 / 0.90x at 1000 tokens, 0.62 / 0.68 / 0.62x at 3000;
+# prompts 1.09-1.16x. Chats and agents carry long contexts, and decode them token by token
+# after a prompt whose prefix is mostly cached: off serves them faster (chat-shared-prefix
+# against llama-server, which runs llama.cpp's "auto", i.e. on: x1.78 throughput, x1.46 with it
+# on). Short contexts lose a little, long uncached prompts ~15%: an operator serving those sets
+# it on. True: on; None: llama.cpp decides. Batched and lone greedy replies stay identical.
+DEFAULT_FLASH_ATTN: bool | None = False
 
 BACKENDS: dict[str, BackendInfo] = {
     b.name: b
@@ -111,6 +121,7 @@ class BackendConfig:
     # decode-only step (engine_proc.backends.batching.PrefillPacer); 0: whole n_batch chunks.
     prefill_slowdown: float = DEFAULT_PREFILL_SLOWDOWN
     prefill_stall_ms: int = DEFAULT_PREFILL_STALL_MS  # ... or this long, whichever is more
+    flash_attn: bool | None = DEFAULT_FLASH_ATTN  # llama.cpp's flash attention; None: its "auto"
     embeddings: bool = False  # loaded for embeddings (pooled vectors), not generation
     pooling: str = ""  # mean, cls, last; "": the model's own (its metadata), else mean
     # Backend-specific knobs (the fake backend's delay, crash triggers, ...).
@@ -118,6 +129,11 @@ class BackendConfig:
 
     def option(self, name: str, default: str = "") -> str:
         return dict(self.options).get(name, default)
+
+
+def flash_attn_setting(config: BackendConfig) -> bool | str:
+    """``flash_attn`` as it is configured: true, false or "auto"."""
+    return "auto" if config.flash_attn is None else config.flash_attn
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from axserving.errors import EngineUnavailable, from_engine_failure
 from engine_proc import utility
 from engine_proc.backends.base import RequestRejected
 from engine_proc.backends.fake import FakeBackend
-from engine_proc.spec import BackendConfig
+from engine_proc.spec import BackendConfig, flash_attn_setting
 from ipc import records
 
 
@@ -114,7 +114,8 @@ class InprocEngineClient(EngineClient):
             "last_error": self.last_error, "inflight": self.inflight, "max_batch": self.config.max_batch,
             "kv_unified": self.config.kv_unified,
             "prefill_slowdown": self.config.prefill_slowdown,
-            "prefill_stall_ms": self.config.prefill_stall_ms, "running": self.inflight, "waiting": 0,
+            "prefill_stall_ms": self.config.prefill_stall_ms, "flash_attn": flash_attn_setting(self.config),
+            "running": self.inflight, "waiting": 0,
             "kv_usage": self._backend.kv_usage(), "preemptions_total": self._backend.preemptions,
             "prefill_tokens_total": self._backend.prefill_tokens, "rss_bytes": 0,  # it runs in the front
         }

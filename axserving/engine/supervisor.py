@@ -19,7 +19,7 @@ from axserving.engine.client import EngineClient, EngineState, StateListener
 from axserving.engine.connection import EngineConnection, fingerprint
 from axserving.engine.stream import RequestStream
 from axserving.errors import EngineUnavailable
-from engine_proc.spec import BackendConfig
+from engine_proc.spec import BackendConfig, flash_attn_setting
 from ipc import records
 
 log = logging.getLogger("axserving.supervisor")
@@ -158,6 +158,7 @@ class EngineSupervisor(EngineClient):
             "kv_unified": self.backend_config.kv_unified,
             "prefill_slowdown": self.backend_config.prefill_slowdown,
             "prefill_stall_ms": self.backend_config.prefill_stall_ms,
+            "flash_attn": flash_attn_setting(self.backend_config),
             "running": stats.running if stats else 0,
             "waiting": stats.waiting if stats else 0,
             "steps": stats.steps if stats else 0,

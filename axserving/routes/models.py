@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from starlette.requests import Request
@@ -33,6 +33,7 @@ class LoadRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kv_unified: bool | None = None
     prefill_slowdown: float | None = None
     prefill_stall_ms: int | None = None
+    flash_attn: bool | Literal["auto"] | None = None
     pinned: bool = False
     aliases: list[str] = []
     idle_timeout_secs: int | None = None

@@ -38,6 +38,7 @@ from engine_proc.backends.llama_vocab import (
     release,
 )
 from engine_proc.output import token_logprob
+from engine_proc.spec import flash_attn_setting
 from ipc.records import Delta
 
 log = logging.getLogger("axserving.engine.llama_cpp")
@@ -50,6 +51,11 @@ _MEASURE_ROUNDS = 3
 _MEASURE_CONTEXT = 256  # tokens of context each measured sequence holds
 _MEASURE_STEPS = 2  # timed decode steps per size and round
 _MEASURE_BUDGET_S = 3.0  # no further round once measuring took this long
+FLASH_ATTN_TYPES = {
+    True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+}
 
 
 def _by_slot(item: tuple[Choice, int]) -> int:
@@ -104,6 +110,7 @@ class LlamaCppBackend(ChoiceBackend):
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = n_threads
         params.no_perf = True
+        params.flash_attn_type = FLASH_ATTN_TYPES[cfg.flash_attn]  # see DEFAULT_FLASH_ATTN
         self._ctx = llama_cpp.llama_init_from_model(llama.model, params)
         if self._ctx is None:
             raise RuntimeError(f"{cfg.model_path}: could not create a llama.cpp context")
@@ -126,9 +133,9 @@ class LlamaCppBackend(ChoiceBackend):
         description = f"{name} ({desc.value.decode()})" if name else desc.value.decode()
         log.info(
             "context: %d tokens per request, %d sequences, %s KV cache of %d cells, "
-            "batch %d tokens, %d threads",
+            "batch %d tokens, %d threads, flash attention %s",
             self._n_ctx, n_seq, "unified" if cfg.kv_unified else "split",
-            llama_cpp.llama_n_ctx(self._ctx), self._n_batch, n_threads,
+            llama_cpp.llama_n_ctx(self._ctx), self._n_batch, n_threads, flash_attn_setting(cfg),
         )
         return ModelInfo(backend=self.name, n_ctx=self._n_ctx, description=description)
 

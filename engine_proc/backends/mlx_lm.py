@@ -83,6 +83,8 @@ class MlxBackend(ChoiceBackend):
         self._limits(metal)
         if cfg.kv_unified:
             log.warning("kv_unified does not apply to MLX: each sequence has its own KV cache (ignored)")
+        if cfg.flash_attn:
+            log.warning("flash_attn is llama.cpp's: MLX runs its own attention kernel (ignored)")
         if cfg.n_threads and not metal:
             log.info("threads=%d: MLX's CPU path picks its own threads (ignored)", cfg.n_threads)
         began = time.monotonic()

@@ -92,3 +92,20 @@ def test_prefill_slowdown_from_file_env_and_cli(tmp_path: Path) -> None:
     cfg.write_text("models:\n  - id: a\n    path: fake://echo\n    prefill_slowdown: 0.9\n")
     with pytest.raises(ConfigError, match="models.0.prefill_slowdown = 0.9"):
         check(load_settings(env={}, config_path=str(cfg)))
+
+
+def test_flash_attn_from_file_env_and_cli(tmp_path: Path) -> None:
+    from axserving.cli import _cli_overrides, build_parser
+
+    assert load_settings(env={}).model_defaults.flash_attn is False
+    for raw, want in (("on", True), ("true", True), ("off", False), ("0", False), ("AUTO", "auto")):
+        assert load_settings(env={"AXS_FLASH_ATTN": raw}).model_defaults.flash_attn == want
+    args = build_parser().parse_args(["run", "--flash-attn", "on"])
+    assert load_settings(_cli_overrides(args), env={"AXS_FLASH_ATTN": "auto"}).model_defaults.flash_attn is True
+    with pytest.raises(ConfigError, match="flash_attn = 'sometimes'"):
+        load_settings(env={"AXS_FLASH_ATTN": "sometimes"})
+    cfg = tmp_path / "c.yaml"
+    # YAML reads on/off as booleans, and "auto" as itself.
+    cfg.write_text("model_defaults:\n  flash_attn: on\nmodels:\n  - id: a\n    path: fake://echo\n    flash_attn: auto\n")
+    settings = load_settings(config_path=str(cfg), env={})
+    assert settings.model_defaults.flash_attn is True and settings.models[0].flash_attn == "auto"

@@ -116,7 +116,10 @@ def test_entry_settings_override_model_defaults(tmp_path: Path) -> None:
     spec = resolve(ModelConfig(id="m", path=str(path), ctx_size=512, kv_unified=True), defaults, str(tmp_path))
     e = spec.engine
     assert (e.n_ctx, e.max_batch, e.n_threads, e.kv_unified, spec.idle_timeout_secs) == (512, 4, 3, True, 60)
-    assert (e.prefill_slowdown, e.prefill_stall_ms) == (4.0, 50)
+    assert (e.prefill_slowdown, e.prefill_stall_ms, e.flash_attn) == (4.0, 50, False)
+    for setting, want in (("auto", None), (True, True)):
+        fa = resolve(ModelConfig(id="m", path=str(path), flash_attn=setting), defaults, str(tmp_path))
+        assert fa.engine.flash_attn is want
     paced = resolve(ModelConfig(id="m", path=str(path), prefill_slowdown=0), ModelDefaults(prefill_slowdown=8), str(tmp_path))
     assert paced.engine.prefill_slowdown == 0.0
     assert resolve(ModelConfig(id="m", path=str(path)), ModelDefaults(prefill_slowdown=8), str(tmp_path)).engine.prefill_slowdown == 8.0
