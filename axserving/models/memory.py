@@ -3,8 +3,9 @@ much the machine lets the models have together.
 
 The estimate is the weights (the file: llama.cpp maps it and touches all of it) plus the KV
 cache (f16 K and V for every layer and every cell: ``ctx_size`` cells per sequence, times
-``max_batch`` with split caches, once with the unified one) plus a fixed engine overhead (an
-interpreter, compute buffers, logits). It errs high on purpose (sliding-window layers are
+``max_batch`` with split caches, once with the unified one), without flash attention the
+attention scores of a whole step (see :func:`attention_scores_bytes`), plus a fixed engine
+overhead (an interpreter, compute buffers, logits). It errs high on purpose (sliding-window layers are
 counted as full): a model refused up front beats an engine killed for memory.
 """
 
@@ -46,9 +47,20 @@ def kv_cells(ctx_size: int, max_batch: int, kv_unified: bool) -> int:
     return per_seq if kv_unified else per_seq * max_batch
 
 
-def estimate(weights_bytes: int, kv_bytes_per_cell: int, cells: int, n_vocab: int = 0, max_batch: int = 1) -> int:
+def attention_scores_bytes(ctx_size: int, batch_size: int, n_head: int) -> int:
+    """Without flash attention llama.cpp holds a step's attention scores whole: f32, every head,
+    every token of the step against every cell of a sequence's context. Reserved at load for the
+    longest (SmolLM2, 9 heads: 72 MiB at the default 4096 x 512, 576 MiB at 32k); flash
+    attention streams them instead."""
+    per_seq = -(-ctx_size // _KV_CELL_ROUND) * _KV_CELL_ROUND
+    return per_seq * batch_size * n_head * 4
+
+
+def estimate(
+    weights_bytes: int, kv_bytes_per_cell: int, cells: int, n_vocab: int = 0, max_batch: int = 1, scores: int = 0
+) -> int:
     logits = n_vocab * 4 * max_batch
-    return weights_bytes + kv_bytes_per_cell * cells + logits + ENGINE_OVERHEAD_BYTES
+    return weights_bytes + kv_bytes_per_cell * cells + logits + scores + ENGINE_OVERHEAD_BYTES
 
 
 def physical_memory() -> int:

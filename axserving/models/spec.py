@@ -267,4 +267,8 @@ def _estimate(path: str, info: gguf.GGUFInfo | None, engine: BackendConfig) -> i
     per_cell = info.kv_bytes_per_token() or 0
     cells = memory.kv_cells(engine.n_ctx, engine.max_batch, engine.kv_unified)
     n_vocab = info.metadata.get("tokenizer.ggml.tokens", 0)
-    return memory.estimate(info.file_size, per_cell, cells, int(n_vocab or 0), engine.max_batch)
+    scores = 0
+    if engine.flash_attn is False and not engine.embeddings:
+        n_batch = max(engine.n_batch, engine.max_batch)  # what the engine's steps may hold
+        scores = memory.attention_scores_bytes(engine.n_ctx, n_batch, info.arch_int("attention.head_count") or 0)
+    return memory.estimate(info.file_size, per_cell, cells, int(n_vocab or 0), engine.max_batch, scores)

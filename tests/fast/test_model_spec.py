@@ -124,10 +124,14 @@ def test_entry_settings_override_model_defaults(tmp_path: Path) -> None:
     assert paced.engine.prefill_slowdown == 0.0
     assert resolve(ModelConfig(id="m", path=str(path)), ModelDefaults(prefill_slowdown=8), str(tmp_path)).engine.prefill_slowdown == 8.0
     # Unified KV: ctx_size cells once; split: per sequence (rounded up to llama.cpp's 256).
+    # Without flash attention (the default), a step's attention scores: ctx x batch x heads x f32.
     per_token = 4 * 2 * 32 * 2
-    assert spec.memory_bytes == memory.estimate(path.stat().st_size, per_token, 512, 3, 4)
+    scores = 512 * 512 * 4 * 4
+    assert spec.memory_bytes == memory.estimate(path.stat().st_size, per_token, 512, 3, 4, scores)
     split = resolve(ModelConfig(id="m", path=str(path)), defaults, str(tmp_path))
-    assert split.memory_bytes == memory.estimate(path.stat().st_size, per_token, 1024 * 4, 3, 4)
+    assert split.memory_bytes == memory.estimate(path.stat().st_size, per_token, 1024 * 4, 3, 4, 1024 * 512 * 4 * 4)
+    flash = resolve(ModelConfig(id="m", path=str(path), flash_attn=True), defaults, str(tmp_path))
+    assert flash.memory_bytes == split.memory_bytes - 1024 * 512 * 4 * 4
     given = resolve(ModelConfig(id="m", path=str(path), memory_bytes="1.5GiB"), defaults, str(tmp_path))
     assert given.memory_bytes == int(1.5 * 2**30) and not given.memory_estimated
 
