@@ -55,16 +55,17 @@ DEFAULT_PREFILL_SLOWDOWN = 4.0
 # every stream; measured against llama-server (fixed 8, poisson, long prompts) it won no figure
 # clearly over 50 ms and cost long prompts' short streams ITL p99 (x7.4 against x0.9-4.6).
 DEFAULT_PREFILL_STALL_MS = 50
-# llama.cpp's attention kernel for generation: False (its plain matrix products) by default.
+# llama.cpp's attention kernel for generation: None, llama.cpp decides ("auto": on, on a CPU).
 # perf/attention_kernels.py on this CPU (SmolLM2 Q4_1, 2 threads, split KV), a decode step
 # without flash attention against with it: 1.03 / 1.05 / 1.16x the time at 1 / 8 / 16 sequences
 # of 250 tokens of context each, 0.84 / 0.78 / 0.90x at 1000 tokens, 0.62 / 0.68 / 0.62x at 3000;
-# prompts 1.09-1.16x. Chats and agents carry long contexts, and decode them token by token
-# after a prompt whose prefix is mostly cached: off serves them faster (chat-shared-prefix
-# against llama-server, which runs llama.cpp's "auto", i.e. on: x1.78 throughput, x1.46 with it
-# on). Short contexts lose a little, long uncached prompts ~15%: an operator serving those sets
-# it on. True: on; None: llama.cpp decides. Batched and lone greedy replies stay identical.
-DEFAULT_FLASH_ATTN: bool | None = False
+# prompts 1.09-1.16x. Off serves long chats faster (chat-shared-prefix against llama-server,
+# which runs "auto": x1.78 throughput, x1.46 with it on), but it is not the default: the
+# flash-attention kernel skips masked cells, so a split-KV sequence's attention does not depend
+# on how many cells its batch neighbours hold; the plain matrix products run over the batch's
+# longest, and a greedy reply forked from the same prompt served alone (tests/slow/
+# test_llama_batching.py, 4 prompts, 1 of them). True: on; False: off.
+DEFAULT_FLASH_ATTN: bool | None = None
 
 BACKENDS: dict[str, BackendInfo] = {
     b.name: b

@@ -97,7 +97,7 @@ def test_prefill_slowdown_from_file_env_and_cli(tmp_path: Path) -> None:
 def test_flash_attn_from_file_env_and_cli(tmp_path: Path) -> None:
     from axserving.cli import _cli_overrides, build_parser
 
-    assert load_settings(env={}).model_defaults.flash_attn is False
+    assert load_settings(env={}).model_defaults.flash_attn == "auto"
     for raw, want in (("on", True), ("true", True), ("off", False), ("0", False), ("AUTO", "auto")):
         assert load_settings(env={"AXS_FLASH_ATTN": raw}).model_defaults.flash_attn == want
     args = build_parser().parse_args(["run", "--flash-attn", "on"])

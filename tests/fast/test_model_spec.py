@@ -116,22 +116,21 @@ def test_entry_settings_override_model_defaults(tmp_path: Path) -> None:
     spec = resolve(ModelConfig(id="m", path=str(path), ctx_size=512, kv_unified=True), defaults, str(tmp_path))
     e = spec.engine
     assert (e.n_ctx, e.max_batch, e.n_threads, e.kv_unified, spec.idle_timeout_secs) == (512, 4, 3, True, 60)
-    assert (e.prefill_slowdown, e.prefill_stall_ms, e.flash_attn) == (4.0, 50, False)
-    for setting, want in (("auto", None), (True, True)):
+    assert (e.prefill_slowdown, e.prefill_stall_ms, e.flash_attn) == (4.0, 50, None)
+    for setting, want in ((False, False), (True, True)):
         fa = resolve(ModelConfig(id="m", path=str(path), flash_attn=setting), defaults, str(tmp_path))
         assert fa.engine.flash_attn is want
     paced = resolve(ModelConfig(id="m", path=str(path), prefill_slowdown=0), ModelDefaults(prefill_slowdown=8), str(tmp_path))
     assert paced.engine.prefill_slowdown == 0.0
     assert resolve(ModelConfig(id="m", path=str(path)), ModelDefaults(prefill_slowdown=8), str(tmp_path)).engine.prefill_slowdown == 8.0
     # Unified KV: ctx_size cells once; split: per sequence (rounded up to llama.cpp's 256).
-    # Without flash attention (the default), a step's attention scores: ctx x batch x heads x f32.
     per_token = 4 * 2 * 32 * 2
-    scores = 512 * 512 * 4 * 4
-    assert spec.memory_bytes == memory.estimate(path.stat().st_size, per_token, 512, 3, 4, scores)
+    assert spec.memory_bytes == memory.estimate(path.stat().st_size, per_token, 512, 3, 4)
     split = resolve(ModelConfig(id="m", path=str(path)), defaults, str(tmp_path))
-    assert split.memory_bytes == memory.estimate(path.stat().st_size, per_token, 1024 * 4, 3, 4, 1024 * 512 * 4 * 4)
-    flash = resolve(ModelConfig(id="m", path=str(path), flash_attn=True), defaults, str(tmp_path))
-    assert flash.memory_bytes == split.memory_bytes - 1024 * 512 * 4 * 4
+    assert split.memory_bytes == memory.estimate(path.stat().st_size, per_token, 1024 * 4, 3, 4)
+    # Without flash attention, a step's attention scores too: ctx x batch x heads x f32.
+    plain = resolve(ModelConfig(id="m", path=str(path), flash_attn=False), defaults, str(tmp_path))
+    assert plain.memory_bytes == split.memory_bytes + 1024 * 512 * 4 * 4
     given = resolve(ModelConfig(id="m", path=str(path), memory_bytes="1.5GiB"), defaults, str(tmp_path))
     assert given.memory_bytes == int(1.5 * 2**30) and not given.memory_estimated
 

@@ -64,17 +64,29 @@ def test_batched_sequences_match_the_same_prompts_served_alone(backend: LlamaCpp
     assert {i: text(together[200 + i]) for i in range(len(PROMPTS))} == alone
 
 
-def test_in_a_unified_cache_batched_sequences_keep_their_own_text(unified: LlamaCppBackend) -> None:
-    alone = {i: text(run(unified, [chat(100 + i, p)])[100 + i]) for i, p in enumerate(PROMPTS)}
-    together = run(unified, [chat(200 + i, p) for i, p in enumerate(PROMPTS)])
+def own_text_kept(b: LlamaCppBackend) -> None:
+    alone = {i: text(run(b, [chat(100 + i, p)])[100 + i]) for i, p in enumerate(PROMPTS)}
+    together = run(b, [chat(200 + i, p) for i, p in enumerate(PROMPTS)])
     for i in range(len(PROMPTS)):
         batched = text(together[200 + i])
-        # Interleaved cells change the attention's summation order, so a greedy continuation
-        # may fork late; it must not be another request's text or another topic.
+        # The attention's summation order changes with what runs beside, so a greedy
+        # continuation may fork late; it must not be another request's text or another topic.
         assert agree(batched, alone[i]) >= min(20, len(alone[i])), (PROMPTS[i], batched, alone[i])
         for j in range(len(PROMPTS)):
             if j != i:
                 assert agree(batched, alone[j]) < 10
+
+
+def test_in_a_unified_cache_batched_sequences_keep_their_own_text(unified: LlamaCppBackend) -> None:
+    own_text_kept(unified)  # interleaved cells
+
+
+def test_without_flash_attention_batched_sequences_keep_their_own_text(default_model: Path) -> None:
+    b = make(default_model, flash_attn=False)  # attention over the batch's longest context
+    try:
+        own_text_kept(b)
+    finally:
+        b.close()
 
 
 def test_one_step_advances_every_running_sequence(backend: LlamaCppBackend) -> None:
