@@ -60,11 +60,11 @@ DEFAULT_PREFILL_STALL_MS = 50
 # without flash attention against with it: 1.03 / 1.05 / 1.16x the time at 1 / 8 / 16 sequences
 # of 250 tokens of context each, 0.84 / 0.78 / 0.90x at 1000 tokens, 0.62 / 0.68 / 0.62x at 3000;
 # prompts 1.09-1.16x. Off serves long chats faster (chat-shared-prefix against llama-server,
-# which runs "auto": x1.78 throughput, x1.46 with it on), but it is not the default: the
-# flash-attention kernel skips masked cells, so a split-KV sequence's attention does not depend
-# on how many cells its batch neighbours hold; the plain matrix products run over the batch's
-# longest, and a greedy reply forked from the same prompt served alone (tests/slow/
-# test_llama_batching.py, 4 prompts, 1 of them). True: on; False: off.
+# which runs "auto": x1.78 throughput, x1.46 with it on), but it is not the default: without it
+# a greedy reply batched forked late from the same prompt served alone (tests/slow/
+# test_llama_batching.py: 1 prompt of 4; perf/batch_agreement.py --n 8 had all 8 identical).
+# Not traced; likely: the flash-attention kernel skips masked cells, while the plain products
+# run over as many cells as the batch's longest sequence holds. True: on; False: off.
 DEFAULT_FLASH_ATTN: bool | None = None
 
 BACKENDS: dict[str, BackendInfo] = {

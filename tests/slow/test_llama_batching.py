@@ -82,7 +82,7 @@ def test_in_a_unified_cache_batched_sequences_keep_their_own_text(unified: Llama
 
 
 def test_without_flash_attention_batched_sequences_keep_their_own_text(default_model: Path) -> None:
-    b = make(default_model, flash_attn=False)  # attention over the batch's longest context
+    b = make(default_model, flash_attn=False)  # not bit for bit: a reply of four forked late
     try:
         own_text_kept(b)
     finally:
