@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--flash-attn", choices=["on", "off", "auto"],
         help="llama.cpp's flash attention for generation (default: auto, llama.cpp decides: on; off "
-        "decoded long contexts up to 1.5x faster here, prompts ~10%% slower, and batched greedy "
+        "decoded long contexts up to 1.6x faster here, prompts ~10%% slower, and batched greedy "
         "replies may differ from lone ones in the last bits)",
     )
     run.add_argument(

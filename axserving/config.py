@@ -272,7 +272,8 @@ def _parse_bool(raw: str) -> bool | str:
 def parse_flash_attn(raw: str) -> bool | str:
     """``on``/``off`` (or true/false, 1/0) as booleans; ``auto`` and anything else as given, for
     validation to accept or reject naming the key."""
-    return raw.strip().lower() if raw.strip().lower() == "auto" else _parse_bool(raw)
+    low = raw.strip().lower()
+    return low if low == "auto" else _parse_bool(raw)
 
 
 def config_file(cli_path: str | None, env: Mapping[str, str]) -> Path | None:
