@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         "replies may differ from lone ones in the last bits)",
     )
     run.add_argument(
+        "--draft-tokens", type=int, metavar="N",
+        help="prompt-lookup speculative decoding (llama.cpp): up to N tokens per sequence and step "
+        "drafted from the sequence's own earlier text, verified in the same step, kept only where "
+        "they are what would be drawn, so replies do not change; drafted only when the measured "
+        "cost pays (here: one stream of a repeating reply 1.15-1.25x faster, text in bursts; rarely "
+        "at 8 streams). 0: off (default: 0)",
+    )
+    run.add_argument(
         "--backend-option", action="append", type=_backend_option, default=[], metavar="KEY=VALUE",
         help="backend-specific option (repeatable)",
     )
@@ -172,6 +180,7 @@ FLAGS = {
     "model_defaults.prefill_slowdown": "--prefill-slowdown",
     "model_defaults.prefill_stall_ms": "--prefill-stall-ms",
     "model_defaults.flash_attn": "--flash-attn",
+    "model_defaults.draft_tokens": "--draft-tokens",
     "model_defaults.backend_options": "--backend-option",
 }
 
@@ -190,6 +199,7 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "model_defaults.prefill_slowdown": args.prefill_slowdown,
         "model_defaults.prefill_stall_ms": args.prefill_stall_ms,
         "model_defaults.flash_attn": None if args.flash_attn is None else parse_flash_attn(args.flash_attn),
+        "model_defaults.draft_tokens": args.draft_tokens,
     }
     if args.backend_option:
         overrides["model_defaults.backend_options"] = dict(args.backend_option)

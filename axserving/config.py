@@ -17,7 +17,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from engine_proc.spec import DEFAULT_FLASH_ATTN, DEFAULT_PREFILL_SLOWDOWN, DEFAULT_PREFILL_STALL_MS
+from engine_proc.spec import (
+    DEFAULT_DRAFT_TOKENS,
+    DEFAULT_FLASH_ATTN,
+    DEFAULT_PREFILL_SLOWDOWN,
+    DEFAULT_PREFILL_STALL_MS,
+)
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -76,6 +81,7 @@ MemorySize = int | str  # bytes, or "8GiB", "512MB", ...
 PrefillSlowdown = Annotated[float, msgspec.Meta(ge=0, le=1000)]
 StallMs = Annotated[int, msgspec.Meta(ge=0, le=600_000)]
 FlashAttn = bool | Literal["auto"]  # "auto": llama.cpp decides (on wherever it can run)
+DraftTokens = Annotated[int, msgspec.Meta(ge=0, le=64)]  # 0: no prompt-lookup drafting
 
 
 class ModelDefaults(msgspec.Struct, **_STRICT):
@@ -90,6 +96,7 @@ class ModelDefaults(msgspec.Struct, **_STRICT):
     prefill_slowdown: PrefillSlowdown = DEFAULT_PREFILL_SLOWDOWN
     prefill_stall_ms: StallMs = DEFAULT_PREFILL_STALL_MS
     flash_attn: FlashAttn = "auto" if DEFAULT_FLASH_ATTN is None else DEFAULT_FLASH_ATTN
+    draft_tokens: DraftTokens = DEFAULT_DRAFT_TOKENS
     backend_options: dict[str, str] = {}
     idle_timeout_secs: NonNegative = 0  # 0: never unloaded for idleness
 
@@ -110,6 +117,7 @@ class ModelConfig(msgspec.Struct, **_STRICT):
     prefill_slowdown: PrefillSlowdown | None = None
     prefill_stall_ms: StallMs | None = None
     flash_attn: FlashAttn | None = None
+    draft_tokens: DraftTokens | None = None
     backend_options: dict[str, str] | None = None
     idle_timeout_secs: NonNegative | None = None
     memory_bytes: MemorySize | None = None  # replaces the estimate made from the file
@@ -204,6 +212,7 @@ ENV_KEYS: dict[str, str] = {
     "AXS_PREFILL_SLOWDOWN": "model_defaults.prefill_slowdown",
     "AXS_PREFILL_STALL_MS": "model_defaults.prefill_stall_ms",
     "AXS_FLASH_ATTN": "model_defaults.flash_attn",
+    "AXS_DRAFT_TOKENS": "model_defaults.draft_tokens",
     "AXS_IDLE_TIMEOUT_SECS": "model_defaults.idle_timeout_secs",
     "AXS_MAX_LOADED_MODELS": "lifecycle.max_loaded_models",
     "AXS_MAX_MEMORY_BYTES": "lifecycle.max_memory_bytes",

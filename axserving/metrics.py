@@ -184,6 +184,8 @@ class EngineFigures:
     rss_bytes: int
     preemptions: int
     prefill_tokens: int
+    drafted_tokens: int
+    kept_tokens: int
 
     @classmethod
     def of(cls, snap: dict[str, object]) -> EngineFigures:
@@ -195,6 +197,7 @@ class EngineFigures:
         return cls(
             num("running"), num("waiting"), max(1, num("max_batch")), float(kv) if isinstance(kv, int | float) else 0.0,
             num("rss_bytes"), num("preemptions_total"), num("prefill_tokens_total"),
+            num("drafted_tokens_total"), num("kept_tokens_total"),
         )
 
     @property
@@ -249,6 +252,12 @@ class ModelsCollector(Collector):
         prefill = CounterMetricFamily(
             "axs_engine_prefill_tokens", "Prompt tokens the engine computed (reused ones are not)", labels=["model"]
         )
+        drafted = CounterMetricFamily(
+            "axs_spec_decode_draft_tokens", "Tokens drafted by prompt lookup and verified (draft_tokens)", labels=["model"]
+        )
+        kept = CounterMetricFamily(
+            "axs_spec_decode_accepted_tokens", "Drafted tokens kept: drawn as drafted", labels=["model"]
+        )
         for model in m:
             e = EngineFigures.of(model.engine.client.snapshot())
             up.add_metric([model.id], 1 if model.state is ModelState.ready else 0)
@@ -259,7 +268,9 @@ class ModelsCollector(Collector):
             rss.add_metric([model.id], e.rss_bytes)
             preempted.add_metric([model.id], e.preemptions)
             prefill.add_metric([model.id], e.prefill_tokens)
-        yield from (up, running, waiting, occupancy, kv, rss, preempted, prefill)
+            drafted.add_metric([model.id], e.drafted_tokens)
+            kept.add_metric([model.id], e.kept_tokens)
+        yield from (up, running, waiting, occupancy, kv, rss, preempted, prefill, drafted, kept)
 
 
 class SchedulerCollector(Collector):

@@ -137,6 +137,7 @@ class EngineLoop:
         stats = records.Stats(
             running, waiting, self.steps, self.tokens, self.merged_steps, self.backend.preemptions,
             self._max_step, self.backend.prefill_tokens, self.backend.kv_usage(), self._process.memory_info().rss,
+            self.backend.drafted_tokens, self.backend.kept_tokens,
         )
         if self.channel.try_send(records.encode(stats)):
             self._max_step = 0.0

@@ -50,6 +50,8 @@ class BackendInfo:
 # While streams decode, a step that also prefills a prompt takes at most this many times a
 # decode-only step (SmolLM2, 2 threads: 4 x ~50 ms): the default of ``prefill_slowdown``.
 DEFAULT_PREFILL_SLOWDOWN = 4.0
+# Prompt-lookup drafting, per sequence and step (see engine_proc.backends.lookup): 0, off.
+DEFAULT_DRAFT_TOKENS = 0
 # ... or this long, whichever is more. 500 ms here lets a short prompt (~100 tokens) in whole, in
 # one step that pays one extra pass over the weights instead of four, for a half-second gap in
 # every stream; measured against llama-server (fixed 8, poisson, long prompts) it won no figure
@@ -123,6 +125,9 @@ class BackendConfig:
     prefill_slowdown: float = DEFAULT_PREFILL_SLOWDOWN
     prefill_stall_ms: int = DEFAULT_PREFILL_STALL_MS  # ... or this long, whichever is more
     flash_attn: bool | None = DEFAULT_FLASH_ATTN  # llama.cpp's flash attention; None: its "auto"
+    # Prompt-lookup speculative decoding: at most this many tokens drafted per sequence and
+    # step from its own earlier text (engine_proc.backends.lookup); 0: off.
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
     embeddings: bool = False  # loaded for embeddings (pooled vectors), not generation
     pooling: str = ""  # mean, cls, last; "": the model's own (its metadata), else mean
     # Backend-specific knobs (the fake backend's delay, crash triggers, ...).

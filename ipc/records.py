@@ -243,6 +243,8 @@ class Stats(msgspec.Struct, tag=14, **_STRUCT):
     prefill_tokens: int = 0  # prompt tokens computed since start (reused ones are not)
     kv_usage: float = 0.0  # fraction of the KV cells held by running sequences (0..1)
     rss_bytes: int = 0  # the engine process's resident memory
+    drafted_tokens: int = 0  # prompt-lookup drafted tokens fed since start
+    kept_tokens: int = 0  # of them, those kept (drawn as drafted)
 
 
 ToEngine = Union[Submit, Abort, Shutdown, Blob]

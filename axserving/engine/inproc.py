@@ -115,9 +115,11 @@ class InprocEngineClient(EngineClient):
             "kv_unified": self.config.kv_unified,
             "prefill_slowdown": self.config.prefill_slowdown,
             "prefill_stall_ms": self.config.prefill_stall_ms, "flash_attn": flash_attn_setting(self.config),
+            "draft_tokens": self.config.draft_tokens,
             "running": self.inflight, "waiting": 0,
             "kv_usage": self._backend.kv_usage(), "preemptions_total": self._backend.preemptions,
             "prefill_tokens_total": self._backend.prefill_tokens, "rss_bytes": 0,  # it runs in the front
+            "drafted_tokens_total": self._backend.drafted_tokens, "kept_tokens_total": self._backend.kept_tokens,
         }
 
     async def stop(self, timeout: float = 10.0) -> None:

@@ -27,6 +27,9 @@ log = logging.getLogger("axserving.supervisor")
 STABLE_AFTER_S = 60.0  # an engine up this long counts as healthy: reset the crash backoff
 POISON_CRASHES = 2  # a request in flight at this many engine deaths is refused from then on
 _MAX_SUSPECTS = 1024
+# The engine's counters (records.Stats fields) that the front reports as monotonic totals,
+# "<name>_total" in the snapshot: since the model was loaded, across engine restarts.
+TOTALS = ("preemptions", "prefill_tokens", "drafted_tokens", "kept_tokens")
 
 
 __all__ = ["EngineState", "EngineSupervisor"]
@@ -53,8 +56,7 @@ class EngineSupervisor(EngineClient):
         self.restarts = 0
         # What engines that are gone had counted (their last stats): the front's counters
         # stay monotonic across restarts.
-        self._past_preemptions = 0
-        self._past_prefill_tokens = 0
+        self._past = dict.fromkeys(TOTALS, 0)
         self.last_error: str | None = None
         self.info: records.Ready | None = None
         self.conn: EngineConnection | None = None
@@ -159,15 +161,14 @@ class EngineSupervisor(EngineClient):
             "prefill_slowdown": self.backend_config.prefill_slowdown,
             "prefill_stall_ms": self.backend_config.prefill_stall_ms,
             "flash_attn": flash_attn_setting(self.backend_config),
+            "draft_tokens": self.backend_config.draft_tokens,
             "running": stats.running if stats else 0,
             "waiting": stats.waiting if stats else 0,
             "steps": stats.steps if stats else 0,
             "tokens": stats.tokens if stats else 0,
             "merged_steps": stats.merged_steps if stats else 0,
-            "preemptions": stats.preemptions if stats else 0,
-            "prefill_tokens": stats.prefill_tokens if stats else 0,
-            "preemptions_total": self._past_preemptions + (stats.preemptions if stats else 0),
-            "prefill_tokens_total": self._past_prefill_tokens + (stats.prefill_tokens if stats else 0),
+            **{name: getattr(stats, name) if stats else 0 for name in TOTALS},
+            **{f"{name}_total": past + (getattr(stats, name) if stats else 0) for name, past in self._past.items()},
             "kv_usage": round(stats.kv_usage, 4) if stats else 0.0,
             "rss_bytes": stats.rss_bytes if stats else 0,
             "safety_drains": conn.safety_drains if conn is not None else 0,
@@ -246,8 +247,8 @@ class EngineSupervisor(EngineClient):
                 self._first_outcome(None)
             code = await conn.died
             if conn.stats is not None:
-                self._past_preemptions += conn.stats.preemptions
-                self._past_prefill_tokens += conn.stats.prefill_tokens
+                for name in TOTALS:
+                    self._past[name] += getattr(conn.stats, name)
             was_ready = self.state is EngineState.ready
             if not was_ready:
                 self._first_outcome(EngineUnavailable(self.last_error or f"engine exited with code {code}"))

@@ -153,6 +153,7 @@ def resolve(
         prefill_slowdown=float(slowdown),  # type: ignore[arg-type]
         prefill_stall_ms=pick(entry.prefill_stall_ms, defaults.prefill_stall_ms),  # type: ignore[arg-type]
         flash_attn=None if (fa := pick(entry.flash_attn, defaults.flash_attn)) == "auto" else fa,  # type: ignore[arg-type]
+        draft_tokens=pick(entry.draft_tokens, defaults.draft_tokens),  # type: ignore[arg-type]
         embeddings=entry.enable_embeddings,
         pooling=entry.pooling or "",
         options=tuple(sorted(options.items())),

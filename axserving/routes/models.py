@@ -34,6 +34,7 @@ class LoadRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prefill_slowdown: float | None = None
     prefill_stall_ms: int | None = None
     flash_attn: bool | Literal["auto"] | None = None
+    draft_tokens: int | None = None
     pinned: bool = False
     aliases: list[str] = []
     idle_timeout_secs: int | None = None

@@ -84,6 +84,10 @@ class Backend(abc.ABC):
     preemptions: int = 0
     #: Prompt tokens computed since load (prompt tokens reused from the KV cache are not).
     prefill_tokens: int = 0
+    #: Prompt-lookup drafting since load: tokens drafted, and of them those kept (see
+    #: engine_proc.backends.lookup). Backends that do not draft leave them at 0.
+    drafted_tokens: int = 0
+    kept_tokens: int = 0
     #: The vocabulary and chat template, once loaded (utility requests are answered from it).
     tokenizer: Tokenizer | None = None
 

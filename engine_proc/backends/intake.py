@@ -18,6 +18,7 @@ import msgspec
 
 from engine_proc.backends.base import Backend, BackendConfig, RequestRejected
 from engine_proc.backends.batching import PrefillPacer, SlotTable, share_budget
+from engine_proc.backends.lookup import NgramDraft
 from engine_proc.grammar import GrammarError
 from engine_proc.output import MAX_TOP_LOGPROBS, ChoiceOutput
 from engine_proc.tokenizer import TemplateError, Tokenizer
@@ -35,7 +36,8 @@ class Choice:
     """
 
     __slots__ = (
-        "cache", "exact", "followers", "n_past", "n_prompt", "out", "params", "rid", "sampler", "slot", "tokens",
+        "cache", "draft", "exact", "followers", "n_past", "n_prompt", "out", "params", "rid", "sampler", "slot",
+        "tokens",
     )
 
     def __init__(self, rid: int, params: SamplingParams, prompt: list[int], out: ChoiceOutput) -> None:
@@ -49,6 +51,7 @@ class Choice:
         self.cache: Any = None
         self.out = out
         self.followers: list[Choice] = []
+        self.draft: NgramDraft | None = None  # prompt-lookup drafting state, when the runtime drafts
         # Seeded sampling: its first logits are computed alone, cached prefix or not (see
         # batching.share_budget), so the seed reproduces the reply.
         self.exact = params.seed is not None and params.temperature > 0

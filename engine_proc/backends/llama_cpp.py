@@ -31,6 +31,7 @@ import numpy as np
 from engine_proc.backends.base import BackendConfig, ModelInfo
 from engine_proc.backends.intake import Choice, ChoiceBackend
 from engine_proc.backends.llama_sampling import SamplerChain
+from engine_proc.backends.lookup import DraftCost, NgramDraft, plan_drafts
 from engine_proc.backends.llama_vocab import (
     LlamaTokenizer,
     install_heartbeat,
@@ -39,7 +40,7 @@ from engine_proc.backends.llama_vocab import (
 )
 from engine_proc.output import token_logprob
 from engine_proc.spec import flash_attn_setting
-from ipc.records import Delta
+from ipc.records import Delta, merge
 
 log = logging.getLogger("axserving.engine.llama_cpp")
 
@@ -56,6 +57,9 @@ FLASH_ATTN_TYPES = {
     False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
     None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
 }
+
+
+_NONE_FED: tuple[list[int], int] = ([], 0)  # a sequence fed nothing after its pending token
 
 
 def _by_slot(item: tuple[Choice, int]) -> int:
@@ -85,6 +89,7 @@ class LlamaCppBackend(ChoiceBackend):
         # After a preemption, admit nothing new until some sequence has ended: the cache is full.
         self._admit_blocked = False
         self.preemptions = 0
+        self._draft_costs: dict[int, DraftCost] = {}  # decoding streams -> what drafting costs beside them
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -126,6 +131,8 @@ class LlamaCppBackend(ChoiceBackend):
 
         if cfg.measure_batch and n_seq > 1:
             self._slots.max_running = self._measure_batch(n_seq)
+        if cfg.draft_tokens > 0:
+            self._reserve_outputs(n_seq * (1 + cfg.draft_tokens))
 
         desc = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(llama.model, desc, len(desc))
@@ -208,6 +215,25 @@ class LlamaCppBackend(ChoiceBackend):
             ", ".join(f"{b}: {r:.0f}" for b, r in rates.items()), chosen, n_seq,
         )
         return chosen
+
+    def _reserve_outputs(self, n: int) -> None:
+        """Have llama.cpp size its logits buffer for ``n`` rows now (a step with drafted tokens
+        outputs up to this many): it grows the buffer the first time a step outputs more rows
+        than before, which made that step slow and its drafted tokens look dear."""
+        ctx, batch, mem = self._ctx, self._batch, self._memory
+        assert ctx is not None and batch is not None and mem is not None
+        n = min(n, self._n_batch, self._n_ctx)
+        for i in range(n):
+            batch.token[i] = 0
+            batch.pos[i] = i  # type: ignore[call-overload]
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+        batch.n_tokens = n
+        try:
+            llama_cpp.llama_decode(ctx, batch)
+        finally:
+            llama_cpp.llama_memory_clear(mem, True)
 
     def native_heartbeat(self, callback: int, address: int) -> bool:
         self._beat_cb = install_heartbeat(self._ctx, callback, address)
@@ -354,11 +380,18 @@ class LlamaCppBackend(ChoiceBackend):
             return []
         while True:
             plan = self._plan()
-            outputs = self._fill_batch(plan)
+            drafts = self._drafts(plan)
+            outputs = self._fill_batch(plan, drafts)
             began = time.perf_counter()
             rc = llama_cpp.llama_decode(self._ctx, self._batch)
             if rc == 0:
-                self._paced(time.perf_counter() - began)
+                elapsed = time.perf_counter() - began
+                if drafts:  # not a plain step: it tells what drafted rows cost
+                    assert self._pacer is not None
+                    rows = len(next(iter(drafts.values()))[0])
+                    self._draft_costs[self._mix[0]].observe(elapsed, self._pacer.decode_s(self._mix[0]), rows)
+                else:
+                    self._paced(elapsed)
                 break
             if rc != _KV_FULL or not self._make_room():
                 rids = ", ".join(str(s.rid) for s in self._running)
@@ -368,9 +401,9 @@ class LlamaCppBackend(ChoiceBackend):
             if seq.n_past < seq.n_prompt:
                 self.prefill_tokens += min(seq.n_past + n, seq.n_prompt) - seq.n_past
             seq.n_past += n
-        for seq, idx in outputs:
+        for seq, idx, fed in outputs:
             followers = seq.followers if seq.n_generated == 0 else []
-            deltas.append(self._draw(seq, idx))
+            deltas.append(self._verify(seq, idx, fed) if fed[0] else self._draw(seq, idx))
             for f in followers:  # the prompt is in: the other choices start from it
                 llama_cpp.llama_memory_seq_cp(self._memory, seq.slot, f.slot, -1, -1)
                 f.n_past = seq.n_prompt
@@ -381,6 +414,65 @@ class LlamaCppBackend(ChoiceBackend):
         for seq in [s for s in self._running if s.out.finish is not None]:
             self._end(seq, keep_cache=True)
         return deltas
+
+    def _drafts(self, plan: list[int]) -> dict[Choice, tuple[list[int], int]]:
+        """Tokens fed this step after each decoding sequence's pending one, and how many of them
+        are drafted (prompt lookup, see :mod:`.lookup`; the rest fill the row count all share),
+        as many as make the most tokens a second at the measured costs. Only in a step that
+        prefills nothing (a prompt's chunk is paced against plain decode steps), and none if a
+        decoding sequence samples seeded (its rows are computed one way, see
+        ``batching.share_budget``)."""
+        limit = self.config.draft_tokens
+        n_decoding, n_prefill = self._mix
+        if limit < 1 or n_prefill or self._pacer is None or n_decoding < 1:
+            return {}
+        plain_s = self._pacer.decode_s(n_decoding)
+        decoding = [s for s in self._running if s.pending == 1]
+        if plain_s is None or any(s.exact for s in decoding):
+            return {}  # a plain step of as many streams is the measure of what drafting saves
+        # A fed token is kept only if it is drawn, before max_tokens and the context's end.
+        limit = min([limit, (self._n_batch - sum(plan)) // len(decoding)]
+                    + [min(s.params.max_tokens - s.n_generated, self._n_ctx - len(s.tokens)) - 1 for s in decoding])
+        proposals = []
+        for seq in decoding:
+            lookup = seq.draft = seq.draft or NgramDraft()
+            proposals.append(lookup.propose(seq.tokens, limit))
+        if not any(sure for _, sure in proposals):
+            for seq in decoding:
+                seq.draft.observe(0, 0)  # type: ignore[union-attr]
+            return {}
+        costs = self._draft_costs.setdefault(n_decoding, DraftCost())
+        k = plan_drafts(
+            [seq.draft.kept for seq in decoding], [sure for _, sure in proposals],  # type: ignore[union-attr]
+            plain_s, *costs.costs(plain_s), limit,
+        )
+        if k == 0:
+            for seq in decoding:
+                seq.draft.observe(0, 0)  # type: ignore[union-attr]
+            return {}
+        return {seq: (tokens[:k], min(sure, k)) for seq, (tokens, sure) in zip(decoding, proposals, strict=True)}
+
+    def _verify(self, seq: Choice, idx: int, fed: tuple[list[int], int]) -> Delta:
+        """Draw the sequence's tokens from the ``idx``-th logits (its pending token's) and the
+        rows of the tokens fed after it, in order, while each fed token is the one drawn before
+        it (so its row's logits are those the plain path would compute); drop the KV of the
+        rest. One delta for all the tokens drawn."""
+        tokens, sure = fed
+        assert seq.draft is not None
+        delta = self._draw(seq, idx)
+        kept = 0
+        for token in tokens:
+            if seq.out.finish is not None or seq.tokens[-1] != token:
+                break
+            seq.n_past += 1  # the fed token's KV is the drawn token's
+            kept += 1
+            delta = merge(delta, self._draw(seq, idx + kept))
+        seq.draft.observe(sure, min(kept, sure))
+        self.drafted_tokens += len(tokens)
+        self.kept_tokens += kept
+        if kept < len(tokens):
+            llama_cpp.llama_memory_seq_rm(self._memory, seq.slot, seq.n_past, -1)
+        return delta
 
     def _draw(self, seq: Choice, idx: int) -> Delta:
         """Draw the sequence's next token from the ``idx``-th logits and turn it into output."""
@@ -399,15 +491,18 @@ class LlamaCppBackend(ChoiceBackend):
             lp = token_logprob(logits, token, out.gen.logprobs, self._tok)
         return out.accept(token, lp, at_limit=len(seq.tokens) >= self._n_ctx)
 
-    def _fill_batch(self, plan: list[int]) -> list[tuple[Choice, int]]:
-        """Write this step's tokens into the batch; return (sequence, output index) for each
-        sequence whose last pending token is in it (its logits are sampled).
+    def _fill_batch(
+        self, plan: list[int], drafts: dict[Choice, tuple[list[int], int]]
+    ) -> list[tuple[Choice, int, tuple[list[int], int]]]:
+        """Write this step's tokens into the batch; return (sequence, output index, draft) for
+        each sequence whose last pending token is in it (its logits are sampled), its drafted
+        tokens after it, each with logits.
 
         ``plan`` is in admission order (who gets the budget); the tokens are listed in slot
         order, so each run of consecutive slots is one micro-batch (see :mod:`.batching`)."""
         batch = self._batch
         assert batch is not None
-        outputs: list[tuple[Choice, int]] = []
+        outputs: list[tuple[Choice, int, tuple[list[int], int]]] = []
         token, pos, n_seq_id, seq_id, logits = (
             batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits,
         )
@@ -426,6 +521,14 @@ class LlamaCppBackend(ChoiceBackend):
                 i += 1
             if start + n == len(tokens):
                 logits[i - 1] = 1
-                outputs.append((seq, i - 1))
+                fed = drafts.get(seq, _NONE_FED)
+                outputs.append((seq, i - 1, fed))
+                for j, t in enumerate(fed[0], start + n):
+                    token[i] = t
+                    pos[i] = j  # type: ignore[call-overload]
+                    n_seq_id[i] = 1
+                    seq_id[i][0] = slot
+                    logits[i] = 1
+                    i += 1
         batch.n_tokens = i
         return outputs

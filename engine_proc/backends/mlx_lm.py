@@ -85,6 +85,8 @@ class MlxBackend(ChoiceBackend):
             log.warning("kv_unified does not apply to MLX: each sequence has its own KV cache (ignored)")
         if cfg.flash_attn:
             log.warning("flash_attn is llama.cpp's: MLX runs its own attention kernel (ignored)")
+        if cfg.draft_tokens:
+            log.warning("draft_tokens: prompt-lookup drafting is llama.cpp's here; MLX decodes one token a step (ignored)")
         if cfg.n_threads and not metal:
             log.info("threads=%d: MLX's CPU path picks its own threads (ignored)", cfg.n_threads)
         began = time.monotonic()

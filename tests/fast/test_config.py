@@ -109,3 +109,18 @@ def test_flash_attn_from_file_env_and_cli(tmp_path: Path) -> None:
     cfg.write_text("model_defaults:\n  flash_attn: on\nmodels:\n  - id: a\n    path: fake://echo\n    flash_attn: auto\n")
     settings = load_settings(config_path=str(cfg), env={})
     assert settings.model_defaults.flash_attn is True and settings.models[0].flash_attn == "auto"
+
+
+def test_draft_tokens_from_file_env_and_cli(tmp_path: Path) -> None:
+    from axserving.cli import _cli_overrides, build_parser
+
+    assert load_settings(env={}).model_defaults.draft_tokens == 0
+    assert load_settings(env={"AXS_DRAFT_TOKENS": "6"}).model_defaults.draft_tokens == 6
+    args = build_parser().parse_args(["run", "--draft-tokens", "4"])
+    assert load_settings(_cli_overrides(args), env={"AXS_DRAFT_TOKENS": "6"}).model_defaults.draft_tokens == 4
+    for bad in ("-1", "65", "many"):
+        with pytest.raises(ConfigError, match="draft_tokens"):
+            load_settings(env={"AXS_DRAFT_TOKENS": bad})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("models:\n  - id: a\n    path: fake://echo\n    draft_tokens: 3\n")
+    assert load_settings(config_path=str(cfg), env={}).models[0].draft_tokens == 3

@@ -132,6 +132,8 @@ def test_reload_keeps_serving(client: TestClient) -> None:
         ({"model_id": "m", "path": "fake://echo", "prefill_slowdown": "fast"}, 400, "prefill_slowdown"),
         ({"model_id": "m", "path": "fake://echo", "prefill_stall_ms": -1}, 422, "prefill_stall_ms"),
         ({"model_id": "m", "path": "fake://echo", "flash_attn": "sometimes"}, 400, "flash_attn"),
+        ({"model_id": "m", "path": "fake://echo", "draft_tokens": -1}, 422, "draft_tokens"),
+        ({"model_id": "m", "path": "fake://echo", "draft_tokens": 4.5}, 400, "draft_tokens"),
         ({"model_id": "m", "path": "/no/such/file.gguf"}, 403, "path"),  # outside the allowed dirs
         ({"model_id": "base", "path": "fake://echo", "backend": "fake"}, 409, "model_id"),
         ({"model_id": "m", "path": "fake://echo", "backend": "fake", "aliases": ["b"]}, 409, "aliases"),

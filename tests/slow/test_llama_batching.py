@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from engine_proc.backends.base import BackendConfig
@@ -254,5 +255,41 @@ def test_a_step_lists_its_tokens_in_slot_order_whatever_the_admission_order(defa
             ids = [batch.seq_id[i][0] for i in range(batch.n_tokens)]
             assert ids == sorted(ids)
         assert steps == 6
+    finally:
+        b.close()
+
+
+def test_prompt_lookup_drafting_changes_no_reply(default_model: Path, backend: LlamaCppBackend) -> None:
+    """Drafted tokens are kept only where they are what the plain path draws: greedy replies,
+    their logprobs, max_tokens and stop strings come out the same, alone and batched."""
+    b = make(default_model, draft_tokens=6)
+    try:
+        def requests(base: int) -> list[Submit]:
+            long = [chat(base + i, p, max_tokens=96, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+            return long + [
+                chat(base + 10, PROMPTS[1], max_tokens=64, ignore_eos=True, stop=["elephant"]),
+                chat(base + 11, PROMPTS[0], max_tokens=40, ignore_eos=True),
+            ]
+
+        def replies(be: LlamaCppBackend, base: int, together: bool) -> dict[int, tuple[str, int, str | None]]:
+            reqs = requests(base)
+            out = run(be, reqs) if together else {r.rid: run(be, [r])[r.rid] for r in reqs}
+            return {
+                rid - base: (text(ds), ds[-1].completion_tokens, ds[-1].finish_reason and ds[-1].finish_reason.value)
+                for rid, ds in out.items()
+            }
+
+        plain = replies(backend, 1000, together=False)
+        assert replies(b, 2000, together=False) == plain
+        assert b.kept_tokens > 0, "a 96-token greedy reply of this model repeats itself: drafts are kept"
+        assert replies(b, 3000, together=True) == plain
+        assert plain[11][1] == 40
+        lp = {}
+        for be, rid in ((backend, 4000), (b, 4001)):
+            sub = chat(rid, PROMPTS[2], max_tokens=48, ignore_eos=True)
+            sub = msgspec.structs.replace(sub, gen=msgspec.structs.replace(sub.gen, logprobs=2))
+            deltas = run(be, [sub])[rid]
+            lp[be is b] = [(e.token, round(e.logprob, 5)) for d in deltas for e in d.logprobs]
+        assert lp[True] == lp[False] and len(lp[True]) == 48
     finally:
         b.close()
