@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt-lookup speculative decoding (llama.cpp): up to N tokens per sequence and step "
         "drafted from the sequence's own earlier text, verified in the same step, kept only where "
         "they are what would be drawn, so replies do not change; drafted only when the measured "
-        "cost pays (here: one stream of a repeating reply 1.15-1.25x faster, text in bursts; rarely "
-        "at 8 streams). 0: off (default: 0)",
+        "cost pays (here: one stream of a repeating reply up to 1.2x faster, text in bursts; rarely "
+        "at 8 streams). At most 32; 0: off (default: 0)",
     )
     run.add_argument(
         "--backend-option", action="append", type=_backend_option, default=[], metavar="KEY=VALUE",

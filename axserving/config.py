@@ -81,7 +81,9 @@ MemorySize = int | str  # bytes, or "8GiB", "512MB", ...
 PrefillSlowdown = Annotated[float, msgspec.Meta(ge=0, le=1000)]
 StallMs = Annotated[int, msgspec.Meta(ge=0, le=600_000)]
 FlashAttn = bool | Literal["auto"]  # "auto": llama.cpp decides (on wherever it can run)
-DraftTokens = Annotated[int, msgspec.Meta(ge=0, le=64)]  # 0: no prompt-lookup drafting
+# 0: no prompt-lookup drafting. At most 32: a sequence's rows are computed as one at a time
+# below 64 rows a step (engine_proc.backends.lookup).
+DraftTokens = Annotated[int, msgspec.Meta(ge=0, le=32)]
 
 
 class ModelDefaults(msgspec.Struct, **_STRICT):

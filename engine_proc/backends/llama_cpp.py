@@ -386,11 +386,7 @@ class LlamaCppBackend(ChoiceBackend):
             rc = llama_cpp.llama_decode(self._ctx, self._batch)
             if rc == 0:
                 elapsed = time.perf_counter() - began
-                if drafts:  # not a plain step: it tells what drafted rows cost
-                    assert self._pacer is not None
-                    rows = len(next(iter(drafts.values()))[0])
-                    self._draft_costs[self._mix[0]].observe(elapsed, self._pacer.decode_s(self._mix[0]), rows)
-                else:
+                if not drafts:  # a drafting step is no plain step: it is measured below
                     self._paced(elapsed)
                 break
             if rc != _KV_FULL or not self._make_room():
@@ -411,6 +407,13 @@ class LlamaCppBackend(ChoiceBackend):
                 self._running.append(f)
                 deltas.append(self._draw(f, idx))
             seq.followers = []
+        if drafts:  # what the drafted rows cost and yielded
+            assert self._pacer is not None
+            n_decoding = self._mix[0]
+            self._draft_costs[n_decoding].observe(
+                elapsed, self._pacer.decode_s(n_decoding), len(next(iter(drafts.values()))[0]),
+                sum(d.n_tokens for d in deltas), n_decoding,
+            )
         for seq in [s for s in self._running if s.out.finish is not None]:
             self._end(seq, keep_cache=True)
         return deltas
@@ -441,10 +444,11 @@ class LlamaCppBackend(ChoiceBackend):
             for seq in decoding:
                 seq.draft.observe(0, 0)  # type: ignore[union-attr]
             return {}
-        costs = self._draft_costs.setdefault(n_decoding, DraftCost())
+        costs = self._draft_costs.setdefault(n_decoding, DraftCost(self.config.draft_tokens))
+        fixed_s, per_row_s = costs.costs(plain_s)
         k = plan_drafts(
             [seq.draft.kept for seq in decoding], [sure for _, sure in proposals],  # type: ignore[union-attr]
-            plain_s, *costs.costs(plain_s), limit,
+            plain_s, fixed_s, per_row_s, min(limit, costs.cap),
         )
         if k == 0:
             for seq in decoding:

@@ -5,18 +5,23 @@ likely to go on as it went on there (a quoted passage, code being edited, a list
 small model's loop). :class:`NgramDraft` proposes those next tokens; the backend feeds them
 after the sequence's pending token in the same step, with logits for every row, and draws each
 row's token in order with the sequence's own sampler, keeping drafted tokens while they equal
-what was drawn. Every token is drawn from the logits the plain path would compute for it
-(llama.cpp computes a sequence's rows alike whether one or several go in a step, bit for bit on
-SmolLM2), with the same sampler state, so the reply does not change: a step only yields more of
-it. (Compare vLLM's ``ngram`` speculator and llama.cpp's lookup decoding; no draft model.)
+what was drawn. Every token is drawn from the logits the plain path would compute for it, with
+the same sampler state, so the reply does not change: a step only yields more of it. (llama.cpp
+computes a sequence's rows alike whether one or several go in a step while they are fewer than
+64: measured on SmolLM2, 8 sequences of up to 9 rows, rejected rows dropped, against one row at
+a time: identical logits; at 64 rows or more its kernels round differently, hence the
+setting's bound of 32. On Gemma 3 Q4_K_M several rows round differently from one, as batching
+already does there, so a reply may fork late.) Compare vLLM's ``ngram`` speculator and
+llama.cpp's lookup decoding; no draft model.
 
 Drafted tokens are not free: on a CPU a step's time grows with its tokens (SmolLM2, 2 threads:
 one sequence 7 ms for 1 token, 12 for 2, 17 for 4, 25 for 8; eight sequences 30 ms for 8
 tokens, 50 for 16). :func:`plan_drafts` feeds a drafted token only while its chance of being
 kept (``p ** j`` for the ``j``-th of a sequence whose drafts have been kept at rate ``p``) times
 what a token costs in a plain step is more than what it costs drafted (:class:`DraftCost`,
-measured as the engine runs): at one stream that is several tokens of a repeating passage, at
-eight streams only sure ones, and on an engine whose steps are memory-bound (a GPU), many.
+measured as the engine runs, which also holds the rows down while drafting steps yield fewer
+tokens a second than plain ones): at one stream that is several tokens of a repeating passage,
+at eight streams only sure ones, and on an engine whose steps are memory-bound (a GPU), many.
 Short matches predict poorly (1-2 token matches were kept 8-28% of the time here, 4+ tokens
 ~90%), hence ``MATCH`` = 4.
 """
@@ -33,8 +38,10 @@ RECOVER: Final = 0.02  # per step without a draft, the kept rate drifts back thi
 # Until drafted rows' cost has been measured: this much of a plain step each (0.4-0.7 here).
 DEFAULT_COST: Final = 0.5
 # After this many steps without a drafted token the cost measured is old (it may have been a
-# slow step's): drafting resumes at DEFAULT_COST, and measures it again.
+# slow step's): drafting resumes at DEFAULT_COST, one row, and measures it again. Each time
+# drafting stops for not paying the wait doubles (a probe is a slow step), up to MAX_STALE_STEPS.
 STALE_STEPS: Final = 64
+MAX_STALE_STEPS: Final = 4096
 
 
 class NgramDraft:
@@ -109,30 +116,50 @@ def plan_drafts(
 
 
 class DraftCost:
-    """What drafted rows cost beside some number of streams, measured: how much longer than a
-    plain decode step a step with ``k`` rows after each pending token took, fitted as
-    ``fixed_s + k * per_row_s`` over moving averages (on a CPU the first row costs more than
-    the next: one sequence, 2 threads, +5.4 ms for one, +10 ms for three, +18 ms for seven)."""
+    """What drafted rows cost beside some number of streams, and what they yield, measured.
 
-    def __init__(self) -> None:
+    The cost: how much longer than a plain decode step a step with ``k`` rows after each
+    pending token took, fitted as ``fixed_s + k * per_row_s`` over moving averages (on a CPU the
+    first row costs more than the next: one sequence, 2 threads, +5.4 ms for one, +10 ms for
+    three, +18 ms for seven). The yield checks the plan's model (a kept rate is a guess about
+    the next tokens): ``gain``, a moving average of a drafting step's tokens a second over a plain
+    step's. The rows a step may take (``cap``) start at one; while the gain is under 1 they come
+    down by one after each drafting step, else they may go one past the last step's."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.cap = min(1, limit)
+        self.gain: float | None = None
         self._moments: tuple[float, float, float, float] | None = None  # E[k], E[t], E[k^2], E[kt]
         self._since = 0  # steps planned since the last one measured
+        self._patience = STALE_STEPS
 
-    def observe(self, seconds: float, plain_s: float | None, rows: int) -> None:
-        if rows < 1 or plain_s is None:
+    def observe(self, seconds: float, plain_s: float | None, rows: int, produced: int, n_decoding: int) -> None:
+        """A step of ``n_decoding`` streams, each with ``rows`` rows after its pending token, took
+        ``seconds`` and drew ``produced`` tokens; a plain one takes ``plain_s``."""
+        if rows < 1 or plain_s is None or plain_s <= 0.0 or seconds <= 0.0 or n_decoding < 1:
             return
         self._since = 0
         k, t = float(rows), seconds - plain_s
         new = (k, t, k * k, k * t)
         old = self._moments
         self._moments = new if old is None else tuple(o + ALPHA * (n - o) for o, n in zip(old, new, strict=True))  # type: ignore[assignment]
+        ratio = produced * plain_s / (n_decoding * seconds)
+        self.gain = ratio if self.gain is None else self.gain + ALPHA * (ratio - self.gain)
+        if self.gain < 1.0:
+            self.cap = max(0, rows - 1)
+            if self.cap == 0:
+                self._patience = min(2 * self._patience, MAX_STALE_STEPS)
+        else:
+            self.cap = min(self.limit, rows + 1)
+            self._patience = STALE_STEPS
 
     def costs(self, plain_s: float) -> tuple[float, float]:
         """(fixed_s, per_row_s): as measured; a guess (``DEFAULT_COST`` of a plain step a row,
         nothing fixed) until a step with drafted rows has been seen, or when the last was long ago."""
         self._since += 1
-        if self._since > STALE_STEPS:
-            self._moments = None
+        if self._since > self._patience:
+            self._moments, self.gain, self.cap = None, None, max(self.cap, min(1, self.limit))
         if self._moments is None:
             return 0.0, DEFAULT_COST * plain_s
         mk, mt, mkk, mkt = self._moments

@@ -71,21 +71,46 @@ def test_plan_drafts_takes_rows_only_while_they_pay() -> None:
 
 
 def test_draft_cost_fits_a_fixed_and_a_per_row_part() -> None:
-    cost = DraftCost()
+    cost = DraftCost(6)
     assert cost.costs(0.010) == (0.0, pytest.approx(0.005))  # a guess until measured
     for _ in range(20):
         for rows in (1, 3, 6):
-            cost.observe(0.010 + 0.004 + 0.002 * rows, 0.010, rows)
+            cost.observe(0.010 + 0.004 + 0.002 * rows, 0.010, rows, 1 + rows, 1)
     fixed, per_row = cost.costs(0.010)
     assert fixed == pytest.approx(0.004, abs=5e-4) and per_row == pytest.approx(0.002, abs=2e-4)
-    cost.observe(0.5, None, 3)  # no plain step to compare with: ignored
+    cost.observe(0.5, None, 3, 4, 1)  # no plain step to compare with: ignored
     assert cost.costs(0.010)[1] == pytest.approx(per_row)
 
 
-def test_a_cost_measured_long_ago_is_measured_again() -> None:
-    cost = DraftCost()
-    cost.observe(0.100, 0.010, 1)  # one slow step made rows look dear
-    assert cost.costs(0.010)[1] > 0.05
-    for _ in range(STALE_STEPS):
+def test_rows_climb_while_drafting_pays_and_come_down_while_it_does_not() -> None:
+    one = DraftCost(6)
+    assert one.cap == 1  # drafting starts with one row
+    one.observe(0.012, 0.007, 1, 2, 1)  # 2 tokens in 12 ms against 1 in 7: 1.17x
+    assert one.gain is not None and one.gain > 1.0 and one.cap == 2
+    for rows in (2, 3, 4, 5, 6):
+        one.observe(0.007 + 0.0025 * rows, 0.007, rows, 1 + rows, 1)
+    assert one.cap == 6
+    # Eight streams, a plain step 30 ms; six rows took 160 ms and drew 20 tokens: 0.47x.
+    eight = DraftCost(6)
+    eight.cap = 6
+    eight.observe(0.160, 0.030, 6, 20, 8)
+    assert eight.gain == pytest.approx(20 * 0.030 / (8 * 0.160)) and eight.cap == 5
+    for rows in (5, 4, 3, 2, 1):
+        eight.observe(0.030 + 0.021 * rows, 0.030, rows, 8 + rows, 8)
+    assert eight.cap == 0
+
+
+def test_a_cost_measured_long_ago_is_measured_again_later_each_time_it_did_not_pay() -> None:
+    cost = DraftCost(6)
+    cost.observe(0.100, 0.010, 1, 1, 1)  # one slow step made rows look dear, and yielded nothing
+    assert cost.costs(0.010)[1] > 0.05 and cost.cap == 0
+    for _ in range(2 * STALE_STEPS - 1):  # the first stop: twice the usual wait
         cost.costs(0.010)
-    assert cost.costs(0.010) == (0.0, pytest.approx(0.005))
+    assert cost.cap == 0
+    assert cost.costs(0.010) == (0.0, pytest.approx(0.005)) and cost.cap == 1 and cost.gain is None
+    cost.observe(0.100, 0.010, 1, 1, 1)  # the probe did not pay either: the wait doubles again
+    for _ in range(4 * STALE_STEPS):
+        cost.costs(0.010)
+    assert cost.cap == 0
+    cost.costs(0.010)
+    assert cost.cap == 1
