@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft-tokens", type=int, metavar="N",
         help="prompt-lookup speculative decoding (llama.cpp): up to N tokens per sequence and step "
         "drafted from the sequence's own earlier text, verified in the same step, kept only where "
-        "they are what would be drawn, so replies do not change; drafted only when the measured "
+        "they are what would be drawn (replies unchanged under 256 tokens of context; past it they may "
+        "fork late, as batched ones do); drafted only when the measured "
         "cost pays (here: one stream of a repeating reply up to 1.2x faster, text in bursts; rarely "
         "at 8 streams). At most 32; 0: off (default: 0)",
     )

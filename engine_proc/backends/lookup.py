@@ -5,14 +5,16 @@ likely to go on as it went on there (a quoted passage, code being edited, a list
 small model's loop). :class:`NgramDraft` proposes those next tokens; the backend feeds them
 after the sequence's pending token in the same step, with logits for every row, and draws each
 row's token in order with the sequence's own sampler, keeping drafted tokens while they equal
-what was drawn. Every token is drawn from the logits the plain path would compute for it, with
-the same sampler state, so the reply does not change: a step only yields more of it. (llama.cpp
-computes a sequence's rows alike whether one or several go in a step while they are fewer than
-64: measured on SmolLM2, 8 sequences of up to 9 rows, rejected rows dropped, against one row at
-a time: identical logits; at 64 rows or more its kernels round differently, hence the
-setting's bound of 32. On Gemma 3 Q4_K_M several rows round differently from one, as batching
-already does there, so a reply may fork late.) Compare vLLM's ``ngram`` speculator and
-llama.cpp's lookup decoding; no draft model.
+what was drawn. Every token is drawn with the same sampler state from the logits of its own
+row, so the reply is the one plain decoding gives as far as llama.cpp computes a row alike in
+both: a step only yields more of it. Measured on SmolLM2: 8 sequences of up to 9 rows, rejected
+rows dropped, against one row at a time: identical logits while a sequence holds fewer than
+256 tokens; at 64 rows or more of a sequence its kernels round differently (hence the setting's
+bound of 32), and so does a lone row of a longer context (another attention path than several
+rows or several sequences take: logits up to 1.4 apart, batched decoding differs from lone the
+same way), so there a reply may fork late, as batching makes it fork. On Gemma 3 Q4_K_M several
+rows round differently from one, as batching does there. Compare vLLM's ``ngram`` speculator
+and llama.cpp's lookup decoding; no draft model.
 
 Drafted tokens are not free: on a CPU a step's time grows with its tokens (SmolLM2, 2 threads:
 one sequence 7 ms for 1 token, 12 for 2, 17 for 4, 25 for 8; eight sequences 30 ms for 8
