@@ -104,8 +104,9 @@ class LlamaCppBackend(ChoiceBackend):
         self._n_batch = max(cfg.n_batch, n_seq)
         params = llama_cpp.llama_context_default_params()
         # Split (default): every sequence has its own n_ctx cells and its attention runs alone,
-        # so batch neighbours do not change its output (bit for bit on SmolLM2 under 256 tokens of
-        # context: past it llama.cpp's attention for one sequence alone rounds apart from a
+        # so batch neighbours do not change its output (bit for bit on SmolLM2 for short prompts
+        # and contexts: llama.cpp picks attention kernels by a step's shape, so a 64+ token prompt
+        # prefilled in pieces, or a lone row past 256 tokens of context, rounds apart from a
         # batch's, measured; on Gemma 3 Q4_K_M batched kernels round differently, and a greedy
         # reply can fork).
         # Unified: one pool of n_ctx cells for all sequences (less memory); prefixes are shared
