@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,8 +185,19 @@ def test_n_choices_share_one_prefill(oai: openai.OpenAI, server: Server) -> None
 
 
 def _prefilled(server: Server) -> int:
-    status = server.status()
-    return int(status["models"][0]["engine"]["prefill_tokens"])
+    """The engine's prompt tokens computed, once its counters have settled: they come in stats
+    records about once a second, so a read right after a request may not count it yet."""
+    def read() -> int:
+        return int(server.status()["models"][0]["engine"]["prefill_tokens"])
+
+    last, deadline = read(), time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(1.2)  # longer than the engine's stats interval
+        now = read()
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def test_greedy_top_logprob_is_the_chosen_token(oai: openai.OpenAI) -> None:
