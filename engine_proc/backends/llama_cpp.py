@@ -159,8 +159,8 @@ class LlamaCppBackend(ChoiceBackend):
         an 8-stream one on an empty cache, 3-8% with a few hundred tokens of context each, in
         twice the time). Sizes are measured in turns, a few rounds, each its fastest step: what
         else runs on the machine meanwhile (another engine loading) weighs on all alike."""
-        ctx, batch, mem = self._ctx, self._batch, self._memory
-        assert ctx is not None and batch is not None and mem is not None
+        mem = self._memory
+        assert mem is not None
         sizes: list[int] = []
         size = min(MIN_AUTO_BATCH, n_seq)
         while True:
@@ -171,16 +171,7 @@ class LlamaCppBackend(ChoiceBackend):
         if len(sizes) < 2:
             return n_seq
 
-        def decode(entries: list[tuple[int, int, bool]]) -> bool:  # (seq, pos, logits)
-            for i, (seq, pos, logits) in enumerate(entries):
-                batch.token[i] = 0
-                batch.pos[i] = pos  # type: ignore[call-overload]
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq
-                batch.logits[i] = logits
-            batch.n_tokens = len(entries)
-            return llama_cpp.llama_decode(ctx, batch) == 0
-
+        decode = self._decode_filler
         # Every sequence holds a context of its own first, as served ones do: each attends to
         # its own cells, a cost per sequence that an empty cache hides (on SmolLM2 it made 16
         # streams look 15-25% faster than 8; at 250 tokens of context they were 3-8% faster).
@@ -219,24 +210,27 @@ class LlamaCppBackend(ChoiceBackend):
         )
         return chosen
 
+    def _decode_filler(self, entries: list[tuple[int, int, bool]]) -> bool:
+        """Decode token 0 at each (sequence, position, logits) entry: load-time measurements."""
+        batch = self._batch
+        assert batch is not None
+        for i, (seq, pos, logits) in enumerate(entries):
+            batch.token[i] = 0
+            batch.pos[i] = pos  # type: ignore[call-overload]
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = logits
+        batch.n_tokens = len(entries)
+        return llama_cpp.llama_decode(self._ctx, batch) == 0
+
     def _reserve_outputs(self, n: int) -> None:
         """Have llama.cpp size its logits buffer for ``n`` rows now (a step with drafted tokens
         outputs up to this many): it grows the buffer the first time a step outputs more rows
         than before, which made that step slow and its drafted tokens look dear."""
-        ctx, batch, mem = self._ctx, self._batch, self._memory
-        assert ctx is not None and batch is not None and mem is not None
-        n = min(n, self._n_batch, self._n_ctx)
-        for i in range(n):
-            batch.token[i] = 0
-            batch.pos[i] = i  # type: ignore[call-overload]
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 1
-        batch.n_tokens = n
         try:
-            llama_cpp.llama_decode(ctx, batch)
+            self._decode_filler([(0, i, True) for i in range(min(n, self._n_batch, self._n_ctx))])
         finally:
-            llama_cpp.llama_memory_clear(mem, True)
+            llama_cpp.llama_memory_clear(self._memory, True)
 
     def native_heartbeat(self, callback: int, address: int) -> bool:
         self._beat_cb = install_heartbeat(self._ctx, callback, address)
