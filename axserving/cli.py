@@ -80,14 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--prefill-slowdown", type=float, metavar="X",
-        help="while streams decode, a step that also prefills a prompt takes at most X times a "
-        "decode-only step, or --prefill-stall-ms if longer; 0: whole --batch-size chunks, the "
-        "streams wait for them (default: 4)",
+        help="while streams decode, steps that also prefill a prompt take on average at most X "
+        "times a decode-only step; 0: whole --batch-size chunks, the streams wait for them (default: 4)",
     )
     run.add_argument(
         "--prefill-stall-ms", type=int, metavar="MS",
-        help="a step that also prefills a prompt beside decoding streams may always take this long "
-        "(default: 50; 500 lets a ~100-token prompt in whole here)",
+        help="the longest one step may stall decoding streams to take a prompt whole or in whole "
+        "attention tiles, paid back by the steps after it (default: 500; 50: smoother, slower beside "
+        "long prompts)",
     )
     run.add_argument(
         "--flash-attn", choices=["on", "off", "auto"],

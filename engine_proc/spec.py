@@ -47,16 +47,20 @@ class BackendInfo:
         return f"backend {self.name!r} needs {', '.join(absent)}: pip install 'axserving[{self.extra}]'"
 
 
-# While streams decode, a step that also prefills a prompt takes at most this many times a
-# decode-only step (SmolLM2, 2 threads: 4 x ~50 ms): the default of ``prefill_slowdown``.
+# While streams decode, steps that also prefill a prompt take on average at most this many times
+# a decode-only step (SmolLM2, 2 threads: 4 x ~45 ms): the default of ``prefill_slowdown``.
 DEFAULT_PREFILL_SLOWDOWN = 4.0
 # Prompt-lookup drafting, per sequence and step (see engine_proc.backends.lookup): 0, off.
 DEFAULT_DRAFT_TOKENS = 0
-# ... or this long, whichever is more. 500 ms here lets a short prompt (~100 tokens) in whole, in
-# one step that pays one extra pass over the weights instead of four, for a half-second gap in
-# every stream; measured against llama-server (fixed 8, poisson, long prompts) it won no figure
-# clearly over 50 ms and cost long prompts' short streams ITL p99 (x7.4 against x0.9-4.6).
-DEFAULT_PREFILL_STALL_MS = 50
+# The longest one such step may stall the streams (or the slowdown's step, if longer), to take a
+# short prompt whole (a chat turn of ~100 tokens here: one pass over the weights instead of four)
+# or a long one in whole attention tiles (llama.cpp's CPU kernel: 64 query rows; under it a row
+# attends alone, 1.35x the time a prompt token over a 1.2k-token prompt beside eight streams);
+# the steps after it pay the time back. In-process, eight closed-loop 128-token streams and a
+# 1.2k-token prompt every 2 s: 75-77 tok/s at 500 ms against 59-64 at 50 (chunks under a tile,
+# sized to every step's room), streams' gaps p50 46-49 against 57-58 ms, p99 390-420 against
+# 200-240 ms.
+DEFAULT_PREFILL_STALL_MS = 500
 # llama.cpp's attention kernel for generation: None, llama.cpp decides ("auto": on, on a CPU).
 # perf/attention_kernels.py on this CPU (SmolLM2 Q4_1, 2 threads, split KV), a decode step
 # without flash attention against with it: 1.03 / 1.05 / 1.16x the time at 1 / 8 / 16 sequences
@@ -120,10 +124,10 @@ class BackendConfig:
     # and run no more at once (the rest of the max_batch slots keep prefix-cache entries).
     measure_batch: bool = False
     kv_unified: bool = False  # one KV pool of n_ctx cells for all sequences, else n_ctx each
-    # A step that prefills a prompt beside decoding streams takes at most this many times a
-    # decode-only step (engine_proc.backends.batching.PrefillPacer); 0: whole n_batch chunks.
+    # Steps that prefill a prompt beside decoding streams take on average at most this many times
+    # a decode-only step (engine_proc.backends.batching.PrefillPacer); 0: whole n_batch chunks.
     prefill_slowdown: float = DEFAULT_PREFILL_SLOWDOWN
-    prefill_stall_ms: int = DEFAULT_PREFILL_STALL_MS  # ... or this long, whichever is more
+    prefill_stall_ms: int = DEFAULT_PREFILL_STALL_MS  # the longest one step with a prompt may stall them
     flash_attn: bool | None = DEFAULT_FLASH_ATTN  # llama.cpp's flash attention; None: its "auto"
     # Prompt-lookup speculative decoding: at most this many tokens drafted per sequence and
     # step from its own earlier text (engine_proc.backends.lookup); 0: off.

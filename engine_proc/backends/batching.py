@@ -16,11 +16,12 @@ tests can check without a model:
   with what is left (chunked prefill), the shortest first.
 - :class:`PrefillPacer`: how much prompt a step may take beside running streams. A step's time is
   every running stream's inter-token latency, and a prompt token costs about as much as a whole
-  decode step's share of it (SmolLM2 on 2 threads: ~3.3 ms a prompt token, ~50 ms a step of 8
-  streams, so a 512-token chunk stalled them ~1.7 s). Measured step by step, the chunk is sized
-  so that a step with prefill takes at most ``slowdown`` (4) times a decode-only one, or
-  ``floor_s`` (50 ms) if that is longer: streams slow down while a prompt comes in, they do not
-  stop for it.
+  decode step's share of it (SmolLM2 on 2 threads: ~4 ms a prompt token, ~45 ms a step of 8
+  streams, so a 512-token chunk stalled them ~2 s). Measured step by step, prompts get at most
+  ``slowdown - 1`` (3) decode steps' worth of time per step on average, so streams slow down
+  while a prompt comes in, they do not stop for it; one step may stall them longer (``stall_s``,
+  500 ms) to take a short prompt whole or a long one in whole attention tiles, the time paid back
+  by the steps after it.
 
 Contiguous slots matter with per-sequence KV caches (llama.cpp's non-unified mode): one
 ``llama_decode`` is computed in micro-batches that each cover a run of consecutive sequence ids,
@@ -40,6 +41,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from engine_proc.spec import DEFAULT_PREFILL_SLOWDOWN, DEFAULT_PREFILL_STALL_MS
+
+# The least time a step beside decoding streams is given on average for prompts: one fast stream
+# (10 ms a step) slowed by 4 leaves a prompt 30 ms a step, a few tokens; 50 ms gives it 40.
+PREFILL_FLOOR_S = 0.050
 
 _LCP_BLOCK = 64
 # What starting a request where it opens a new run of running slots costs, in prompt tokens it
@@ -253,42 +258,63 @@ def share_budget(
 
 
 class PrefillPacer:
-    """The prompt tokens a step may prefill beside decoding streams, from measured step times.
+    """How many prompt tokens a step takes beside decoding streams, from measured step times.
 
-    Three costs, moving averages of what :meth:`observe` is told: :meth:`decode_s`, a step of
-    ``n`` decoding streams alone, kept per ``n`` (one stream took 11 ms here, eight 50 ms: a
-    single average over both sized the chunks beside five streams for an 11 ms step, 8 tokens
-    each); ``per_token_s``, a prompt token in a step with no streams decoding;
-    ``mix_s``, what a step pays once for holding both (with per-sequence KV caches the prompt's
-    tokens are a micro-batch of their own: one more pass over the weights, about a decode step
-    on SmolLM2). With streams decoding, the allowance keeps the step within
-    ``max(slowdown * decode_s, floor_s)``, but is never so small that the prompt's own work is
-    less than ``mix_s`` (paying the extra pass for a few tokens only makes the prompt take more
-    steps), nor under ``min_chunk``; and prompts that would leave less than a quarter of an
-    allowance for another step take it now (that step would pay a whole pass for a few tokens).
-    With none decoding, nobody waits on the step and a prompt
-    takes ``max_chunk``. Until the costs have been seen, the allowance is ``start_chunk``.
-    ``slowdown`` 0 turns pacing off: a prompt always takes ``max_chunk`` (the step's budget),
-    and the streams beside it wait for the whole chunk, as in llama.cpp's own server.
+    On a CPU a prompt token costs about as much compute beside decoding streams as alone: pacing
+    cannot hide it, only spread it. So the pacer keeps an account (``credit``, seconds): every step
+    with streams decoding earns the prompts ``room``, what keeps the average step within
+    ``max(slowdown * decode_s, floor_s)``; a step's prompt work is charged as measured (the step's
+    time less a decode-only step's), and while the account is overdrawn steps take no prompt work,
+    so streams keep at least ``1 / slowdown`` of their speed on average. What a step takes may go
+    past ``room``, up to ``stall_s`` (or the slowdown's step, if longer) in one step, when that
+    lets a prompt in whole (one step to its first token instead of several, each paying a pass of
+    its own over the weights) or in whole tiles:
+
+    ``tile``: the rows from which the runtime computes a prompt's attention in tiles (llama.cpp on
+    a CPU with flash attention: 64 query rows). Under it each row attends alone, which costs the
+    more the longer the context (SmolLM2, 2 threads, a 1.2k-token prompt beside eight streams:
+    7.0 ms a prompt token in chunks of 16, 5.2 in chunks of 64 tiled rows, 4.5 in chunks of 256).
+    A prompt too long to take whole in one step goes in chunks of whole tiles when one fits the
+    stall limit, else (a large model, whose tile would stall streams too long) in chunks sized to
+    ``room``. ``shared``: rows of the chunk the runtime computes with the streams' micro-batch
+    rather than the prompt's own (llama.cpp's equal split gives a prompt whose sequence id
+    neighbours a decoding one a first row beside theirs), added to the tiles.
+
+    Costs are moving averages of what :meth:`observe` is told: :meth:`decode_s`, a step of ``n``
+    decoding streams alone, kept per ``n`` (one stream took 11 ms here, eight 50 ms: one average
+    over both had sized the chunks beside five streams for an 11 ms step); ``per_token_s``, a
+    prompt token in a step with no streams decoding; :meth:`token_s`, a prompt token beside
+    decoding streams, tiled or not, as the last such steps took: that follows the prompt, whose
+    tokens cost more the further in they are (each attends to all before it; chunks of 16 beside
+    eight streams: 4.6 ms a token in the first 300 positions, 9-10 past 900). Until a cost has
+    been seen the first prompt takes ``start_chunk``. ``slowdown`` 0 turns pacing off (the caller
+    gives prompts the whole step, and the streams wait for each chunk, as in llama.cpp's own
+    server).
     """
 
     ALPHA: Final = 0.25  # weight of the newest measurement
+    # A prompt token in a chunk under the tile against one in a tiled chunk, until both are seen
+    # (SmolLM2 beside eight streams: 1.35 over a 1.2k-token prompt; alone 1.3 early, 1.6 late).
+    UNTILED: Final = 1.4
 
     def __init__(
         self, max_chunk: int, *, slowdown: float = DEFAULT_PREFILL_SLOWDOWN,
-        floor_s: float = DEFAULT_PREFILL_STALL_MS / 1000, min_chunk: int = 8,
-        start_chunk: int = 64,
+        stall_s: float = DEFAULT_PREFILL_STALL_MS / 1000, floor_s: float = PREFILL_FLOOR_S,
+        min_chunk: int = 8, start_chunk: int = 64, tile: int = 0,
     ) -> None:
         if max_chunk < 1 or not (slowdown == 0.0 or slowdown >= 1.0):
             raise ValueError("max_chunk must be at least 1 and slowdown 0 (off) or at least 1.0")
         self.max_chunk = max_chunk
         self.slowdown = slowdown
+        self.stall_s = stall_s
         self.floor_s = floor_s
         self.min_chunk = max(1, min(min_chunk, max_chunk))
         self.start_chunk = max(self.min_chunk, min(start_chunk, max_chunk))
+        self.tile = tile
         self._decode: dict[int, float] = {}  # decoding streams -> a decode-only step's time
         self.per_token_s: float | None = None
-        self.mix_s = 0.0
+        self._token_s: dict[bool, float] = {}  # tiled -> a prompt token beside decoding streams
+        self.credit = 0.0
 
     def decode_s(self, n: int) -> float | None:
         """A decode-only step of ``n`` streams: as measured, else the nearest size measured,
@@ -298,31 +324,108 @@ class PrefillPacer:
         near = min(self._decode, key=lambda m: (abs(m - n), -m))
         return self._decode[near] * n / near
 
-    def allowance(self, n_decoding: int, pending: int = 0) -> int:
-        """Prompt tokens for the next step, beside ``n_decoding`` streams, ``pending`` the prompt
-        tokens waiting (0: not known)."""
-        if n_decoding == 0 or self.slowdown == 0.0:
-            return self.max_chunk
-        decode_s = self.decode_s(n_decoding)
-        if decode_s is None or self.per_token_s is None:
-            return self.start_chunk
-        room = max(self.slowdown * decode_s, self.floor_s) - decode_s - self.mix_s
-        tokens = int(max(room, self.mix_s) / self.per_token_s + 1e-6)
-        if tokens < pending <= tokens + tokens // 4:
-            tokens = pending
-        return max(self.min_chunk, min(self.max_chunk, tokens))
+    def token_s(self, tiled: bool) -> float | None:
+        """A prompt token beside decoding streams, in a tiled chunk or not: as last measured, else
+        from the other kind, else from a prompt token alone (whose chunks are mostly tiled)."""
+        if not self.tile:
+            tiled = False
+        known = self._token_s.get(tiled)
+        if known is not None:
+            return known
+        other = self._token_s.get(not tiled)
+        factor = self.UNTILED if self.tile else 1.0
+        if other is not None:
+            return other / factor if tiled else other * factor
+        if self.per_token_s is None:
+            return None
+        return self.per_token_s if tiled else self.per_token_s * factor
 
-    def observe(self, seconds: float, n_decoding: int, n_prefill: int) -> None:
-        """A step took ``seconds`` for ``n_decoding`` streams' tokens and ``n_prefill`` prompt tokens."""
+    def cost(self, tokens: int, shared: int = 0) -> float | None:
+        """What a chunk of ``tokens`` prompt tokens adds to a step beside decoding streams."""
+        token_s = self.token_s(bool(self.tile) and tokens - shared >= self.tile)
+        return None if token_s is None else tokens * token_s
+
+    def chunks(self, n_decoding: int, prompts: Sequence[tuple[int, int]], max_tokens: int | None = None) -> list[int]:
+        """Prompt tokens for the next step beside ``n_decoding`` streams, for each prompt in the
+        order they are served: (tokens pending, rows shared with the streams' micro-batch).
+        At most ``max_tokens`` in all (default ``max_chunk``)."""
+        out = [0] * len(prompts)
+        limit = self.max_chunk if max_tokens is None else max(1, min(max_tokens, self.max_chunk))
+        decode_s = self.decode_s(n_decoding)
+        untiled_s = self.token_s(False)
+        if decode_s is None or untiled_s is None:
+            if prompts:  # nothing measured yet
+                pending, shared = prompts[0]
+                out[0] = min(pending, limit, self._tiles(self.start_chunk, shared))
+            return out
+        room = max(self.slowdown * decode_s, self.floor_s) - decode_s
+        cap = max(self.stall_s, self.slowdown * decode_s) - decode_s
+        if not prompts:
+            self.credit = min(self.credit + room, 0.0)  # the streams catch up; nothing is banked
+            return out
+        self.credit = min(self.credit + room, room)
+        if self.credit < 0:
+            return out  # overdrawn: the streams catch up this step
+        left = self.credit
+        for i, (pending, shared) in enumerate(prompts):
+            if pending > limit:
+                if i == 0:
+                    out[0] = self._partial(pending, shared, left, cap, limit)
+                break
+            whole = self.cost(pending, shared)
+            assert whole is not None
+            if whole <= left or (i == 0 and whole <= max(cap, 1.25 * left)):
+                out[i] = pending
+                left -= whole
+                limit -= pending
+                continue
+            if i == 0:  # more than a step may stall for: a chunk of it
+                out[0] = self._partial(pending, shared, left, cap, limit)
+            break
+        return out
+
+    def _partial(self, pending: int, shared: int, left: float, cap: float, limit: int) -> int:
+        """A chunk of a prompt that does not go in whole this step: whole tiles when one fits
+        ``cap`` (as many as ``left`` pays for, at least one), else what ``left`` pays for."""
+        tiled_s = self.token_s(True)
+        if self.tile and tiled_s is not None and pending - shared > self.tile:
+            per_tile = self.tile * tiled_s
+            if shared * tiled_s + per_tile <= cap:
+                k = max(1, int((left - shared * tiled_s) / per_tile))
+                k = min(k, (limit - shared) // self.tile)
+                # Leave the last chunk a whole tile too, or take all if that fits.
+                while k > 1 and 0 < pending - shared - k * self.tile < self.tile + shared:
+                    k -= 1
+                if k >= 1:
+                    return shared + k * self.tile
+        untiled_s = self.token_s(False)
+        assert untiled_s is not None
+        tokens = max(self.min_chunk, int(left / untiled_s + 1e-6))
+        if self.tile:  # under a tile: a longer chunk would be tiled, and was not worth it
+            tokens = min(tokens, shared + self.tile - 1)
+        return min(tokens, pending, limit)
+
+    def _tiles(self, tokens: int, shared: int) -> int:
+        """``tokens`` rounded to whole tiles of the prompt's own rows (at least one)."""
+        if not self.tile:
+            return tokens
+        return shared + max(1, (tokens - shared) // self.tile) * self.tile
+
+    def observe(self, seconds: float, n_decoding: int, n_prefill: int, tiled: bool = False) -> None:
+        """A step took ``seconds`` for ``n_decoding`` streams' tokens and ``n_prefill`` prompt
+        tokens (``tiled``: in a chunk of whole tiles)."""
         if n_prefill == 0:
             if n_decoding:
                 self._decode[n_decoding] = self._mix(self._decode.get(n_decoding), seconds)
         elif n_decoding == 0:
+            self.credit = 0.0  # nobody waited on it
             if n_prefill >= self.min_chunk:  # a few tokens' time is mostly fixed costs and noise
                 self.per_token_s = self._mix(self.per_token_s, seconds / n_prefill)
-        elif (decode_s := self.decode_s(n_decoding)) is not None and self.per_token_s is not None:
-            extra = seconds - decode_s - n_prefill * self.per_token_s
-            self.mix_s = max(0.0, self._mix(self.mix_s, extra))
+        elif (decode_s := self.decode_s(n_decoding)) is not None:
+            spent = max(seconds - decode_s, 0.0)
+            self.credit -= spent
+            kind = tiled and bool(self.tile)
+            self._token_s[kind] = self._mix(self._token_s.get(kind), max(spent, 1e-4 * n_prefill) / n_prefill)
 
     def _mix(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.ALPHA * (new - old)

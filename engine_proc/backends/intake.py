@@ -81,27 +81,46 @@ class ChoiceBackend(Backend):
         self._running: list[Choice] = []  # in admission order
         self._n_batch = 0  # a step's most tokens; set by the runtime's load
         self._pacer: PrefillPacer | None = None
-        self._mix = (0, 0)  # the planned step's decoding streams and prompt tokens
+        # The rows from which the runtime computes a prompt's attention in tiles (0: none).
+        self._prefill_tile = 0
+        self._mix = (0, 0, False)  # the planned step's decoding streams, prompt tokens, tiled
 
     def _plan(self) -> list[int]:
-        """This step's tokens per running choice (see :func:`share_budget`): decoding streams
-        one each, prompts what :class:`PrefillPacer` allows beside them. A seeded prompt's
-        fixed-size chunks (see ``share_budget``) are not paced: it would wait for room forever."""
+        """This step's tokens per running choice: decoding streams one each; prompts what
+        :class:`PrefillPacer` gives them beside the streams (the fewest tokens left first), or,
+        with none decoding (or pacing off), the step's budget (see :func:`share_budget`). A
+        seeded prompt's fixed-size chunks (see ``share_budget``) are not paced: it would wait
+        for room forever."""
         if self._pacer is None or self._pacer.max_chunk != self._n_batch:
             self._pacer = PrefillPacer(
                 max(self._n_batch, 1), slowdown=self.config.prefill_slowdown,
-                floor_s=self.config.prefill_stall_ms / 1000,
+                stall_s=self.config.prefill_stall_ms / 1000, tile=self._prefill_tile,
             )
+        pacer = self._pacer
         pending = [s.pending for s in self._running]
         exact = [s.exact for s in self._running]
         n_decoding = pending.count(1)
-        budget = self._n_batch
-        if not any(e and p > 1 for e, p in zip(exact, pending, strict=True)):
-            prompts = sum(p for p in pending if p > 1)
-            budget = min(budget, n_decoding + self._pacer.allowance(n_decoding, prompts))
-        plan = share_budget(pending, budget, exact, max(self._n_batch - self._slots.n_slots, 1))
-        self._mix = (n_decoding, sum(plan) - n_decoding)
+        if n_decoding == 0 or pacer.slowdown == 0.0 or any(e and p > 1 for e, p in zip(exact, pending, strict=True)):
+            plan = share_budget(pending, self._n_batch, exact, max(self._n_batch - self._slots.n_slots, 1))
+            self._mix = (n_decoding, sum(plan) - n_decoding, False)
+            return plan
+        plan = [1 if p == 1 else 0 for p in pending]
+        order = sorted((i for i, p in enumerate(pending) if p > 1), key=pending.__getitem__)
+        decoding = {s.slot for s in self._running if s.pending == 1}
+        shared = [self._shares_first(self._running[i].slot, decoding) for i in order]
+        chunks = pacer.chunks(n_decoding, [(pending[i], sh) for i, sh in zip(order, shared, strict=True)],
+                              self._n_batch - n_decoding)
+        tiled = False
+        for i, sh, chunk in zip(order, shared, chunks, strict=True):
+            plan[i] = chunk
+            tiled = tiled or (pacer.tile > 0 and chunk - sh >= pacer.tile)
+        self._mix = (n_decoding, sum(chunks), tiled)
         return plan
+
+    def _shares_first(self, slot: int, decoding: set[int]) -> int:
+        """Rows of a prompt's chunk that the runtime computes in the decoding streams'
+        micro-batch rather than the prompt's own (0 where it has no tiles to keep whole)."""
+        return 0
 
     def _paced(self, seconds: float) -> None:
         """The step planned last took ``seconds`` to compute."""

@@ -52,6 +52,7 @@ _MEASURE_ROUNDS = 3
 _MEASURE_CONTEXT = 256  # tokens of context each measured sequence holds
 _MEASURE_STEPS = 2  # timed decode steps per size and round
 _MEASURE_BUDGET_S = 3.0  # no further round once measuring took this long
+FA_TILE_ROWS = 64  # ggml-cpu's GGML_FA_TILE_Q: a stream's query rows from which attention is tiled
 FLASH_ATTN_TYPES = {
     True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
     False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
@@ -131,6 +132,12 @@ class LlamaCppBackend(ChoiceBackend):
         self._n_vocab = self._tok.n_vocab
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._max_piece = self._tok.longest_piece()
+        # llama.cpp's CPU flash attention computes a stream's query rows in tiles from
+        # GGML_FA_TILE_Q (64) rows on, one row at a time under it, which costs more the longer
+        # the context: beside decoding streams, prompts go in whole tiles where they can (see
+        # batching.PrefillPacer). Split KV only: one stream per sequence, its rows counted alone.
+        if cfg.flash_attn is not False and not cfg.kv_unified:
+            self._prefill_tile = FA_TILE_ROWS
 
         if cfg.measure_batch and n_seq > 1:
             self._slots.max_running = self._measure_batch(n_seq)
@@ -294,6 +301,13 @@ class LlamaCppBackend(ChoiceBackend):
             self._running.append(seq)
         self._waiting.extendleft(reversed(later))  # still first in line, in their order
 
+    def _shares_first(self, slot: int, decoding: set[int]) -> int:
+        """llama.cpp splits a step into micro-batches over runs of consecutive sequence ids,
+        each sequence giving as many rows as the one with fewest (``split_equal``): a prompt whose
+        slot neighbours a decoding one gives its first row to their micro-batch (a batch listed in
+        slot order, as :meth:`_fill_batch` lists it), the rest are its own."""
+        return int(slot - 1 in decoding or slot + 1 in decoding)
+
     def _sampler(self, seq: Choice) -> SamplerChain:
         return SamplerChain(seq.params, self._n_vocab, seq.out.gen.logit_bias)
 
@@ -423,7 +437,7 @@ class LlamaCppBackend(ChoiceBackend):
         decoding sequence samples seeded (its rows are computed one way, see
         ``batching.share_budget``)."""
         limit = self.config.draft_tokens
-        n_decoding, n_prefill = self._mix
+        n_decoding, n_prefill, _ = self._mix
         if limit < 1 or n_prefill or self._pacer is None or n_decoding < 1:
             return {}
         plain_s = self._pacer.decode_s(n_decoding)

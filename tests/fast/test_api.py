@@ -152,7 +152,7 @@ def test_health_and_probes(client: TestClient) -> None:
     engine = client.get("/v1/admin/status").json()["models"][0]["engine"]
     assert engine["state"] == "ready" and engine["pid"] > 0 and engine["restarts"] == 0
     assert engine["max_batch"] == 8 and engine["kv_unified"] is False and engine["prefill_slowdown"] == 4.0
-    assert engine["prefill_stall_ms"] == 50 and engine["flash_attn"] == "auto" and engine["draft_tokens"] == 0
+    assert engine["prefill_stall_ms"] == 500 and engine["flash_attn"] == "auto" and engine["draft_tokens"] == 0
     assert engine["drafted_tokens_total"] == 0 and engine["kept_tokens_total"] == 0
 
 

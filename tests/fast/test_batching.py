@@ -235,62 +235,125 @@ def test_a_short_cached_prefix_does_not_scatter_the_batch_a_long_one_may() -> No
     assert t.place(system + [2], {}) == Placement(6, 6, len(system))
 
 
-def test_prefill_pacer_keeps_a_step_with_a_prompt_within_its_slowdown_of_a_decode_step() -> None:
-    pacer = PrefillPacer(512, slowdown=3.0, floor_s=0.05, min_chunk=8, start_chunk=64)
-    assert pacer.allowance(0) == 512  # nobody decoding: nobody waits on the step
-    assert pacer.allowance(8) == 64  # nothing measured yet
-    pacer.observe(1.0, 0, 250)  # a prompt alone: 4 ms a token
-    for _ in range(20):
-        pacer.observe(0.050, 8, 0)  # eight streams decoding: 50 ms a step
-    assert pacer.allowance(8) == 25  # (3 x 50 ms - 50 ms) / 4 ms
-    for _ in range(40):  # holding both costs one more pass (40 ms): less room for the prompt
-        pacer.observe(0.050 + 0.040 + 15 * 0.004, 8, 15)
-    assert pacer.mix_s == pytest.approx(0.040, rel=0.01)
-    assert pacer.allowance(8) == 15  # (150 - 50 - 40 ms) / 4 ms
-    for _ in range(40):  # a fast stream: the prompt still gets at least what pays for the pass
-        pacer.observe(0.010, 1, 0)
-    assert pacer.allowance(1) in (9, 10)  # ~40 ms / 4 ms, more than the floor's room leaves
-    pacer.observe(0.010, 0, 4)  # a chunk under min_chunk teaches nothing (noise)
+def _warm(pacer: PrefillPacer, decode_s: float = 0.050, token_s: float = 0.004, n: int = 8) -> None:
+    pacer.observe(250 * token_s, 0, 250)  # a prompt alone
+    for _ in range(30):
+        pacer.observe(decode_s, n, 0)  # n streams decoding alone
+
+
+def _run(pacer: PrefillPacer, prompt: int, token_s: float, decode_s: float = 0.050, n: int = 8,
+         shared: int = 0, tiled_s: float | None = None) -> list[tuple[int, float]]:
+    """Steps beside ``n`` streams until ``prompt`` tokens are in, each as (chunk, seconds), a
+    prompt token costing ``token_s`` (``tiled_s`` in chunks of whole tiles)."""
+    steps = []
+    while prompt > 0:
+        [chunk] = pacer.chunks(n, [(prompt, shared)])
+        tiled = bool(pacer.tile) and chunk - shared >= pacer.tile
+        seconds = decode_s + chunk * (tiled_s if tiled and tiled_s else token_s)
+        pacer.observe(seconds, n, chunk, tiled)
+        steps.append((chunk, seconds))
+        prompt -= chunk
+        assert len(steps) < 10_000
+    return steps
+
+
+def test_prefill_pacer_keeps_streams_at_their_slowdown_on_average() -> None:
+    pacer = PrefillPacer(512, slowdown=4.0, stall_s=0.05, min_chunk=8, start_chunk=64)
+    assert pacer.chunks(8, [(1000, 0)]) == [64]  # nothing measured yet: the start chunk
+    pacer = PrefillPacer(512, slowdown=4.0, stall_s=0.05, min_chunk=8, start_chunk=64)
+    _warm(pacer)
+    steps = _run(pacer, 2000, token_s=0.006)  # slower than a prompt token alone (4 ms): seen, followed
+    assert steps[0][0] == 37  # (200 - 50 ms) / 4 ms: the cost of a token alone, until one beside them is seen
+    assert max(s for _, s in steps[1:]) <= 4 * 0.050 * 1.15  # then no step stalls the streams much past 4x
+    assert sum(s for _, s in steps) / len(steps) == pytest.approx(4 * 0.050, rel=0.1)
+    assert pacer.token_s(False) == pytest.approx(0.006, rel=0.01)
+    assert [c for c, _ in steps[-5:-1]] == [25] * 4  # (200 - 50 ms) / 6 ms
+
+
+def test_prefill_pacer_follows_a_prompt_whose_tokens_cost_more_as_it_goes() -> None:
+    """The cost of a prompt token grows with its position (attention over all before it): the
+    chunks shrink with it, and no step runs away (a fixed cost that absorbed the growth had fed
+    back into larger chunks)."""
+    pacer = PrefillPacer(512, slowdown=4.0, stall_s=0.05)
+    _warm(pacer, token_s=0.004)
+    done, steps = 0, []
+    while done < 1200:
+        [chunk] = pacer.chunks(8, [(1200 - done, 0)])
+        seconds = 0.050 + chunk * 0.004 * (1 + (done + chunk / 2) / 600)  # 3x the cost at 1200 tokens in
+        pacer.observe(seconds, 8, chunk)
+        steps.append((chunk, seconds))
+        done += chunk
+    assert max(s for _, s in steps[3:]) <= 0.200 * 1.25
+    assert steps[5][0] > steps[-3][0]
+    assert sum(s for _, s in steps) / len(steps) == pytest.approx(0.200, rel=0.1)
+
+
+def test_prefill_pacer_takes_a_prompt_whole_within_the_stall_limit_then_lets_streams_catch_up() -> None:
+    pacer = PrefillPacer(512, slowdown=4.0, stall_s=0.5)
+    _warm(pacer)
+    [whole] = pacer.chunks(8, [(100, 0)])
+    assert whole == 100  # 100 x 4 ms: over a step's room (150 ms), within 500 ms
+    pacer.observe(0.050 + 100 * 0.004, 8, 100)
+    assert pacer.credit == pytest.approx(0.150 - 0.400)
+    assert pacer.chunks(8, [(300, 0)]) == [0]  # the streams catch up: -250 + 150 ms
+    assert pacer.chunks(8, [(300, 0)]) != [0]  # +50 ms: the next prompt goes on
+    # Shortest first: whole prompts while the step's room lasts, then no partial chunk after them.
+    pacer = PrefillPacer(512, slowdown=4.0, stall_s=0.05)
+    _warm(pacer)
+    assert pacer.chunks(8, [(10, 0), (20, 0), (300, 0)]) == [10, 20, 0]
+    # Nothing waiting: nothing is banked for later, a debt is still paid.
+    pacer.credit = -0.1
+    pacer.chunks(8, [])
+    assert pacer.credit == pytest.approx(0.0)
+    pacer.chunks(8, [])
+    assert pacer.credit == 0.0
+
+
+def test_prefill_pacer_takes_whole_tiles_beside_streams_when_one_fits_the_stall_limit() -> None:
+    pacer = PrefillPacer(512, slowdown=4.0, stall_s=0.5, tile=64)
+    _warm(pacer)
+    assert pacer.token_s(True) == pytest.approx(0.004) and pacer.token_s(False) == pytest.approx(0.004 * 1.4)
+    # A tile of the prompt's own rows, plus the one row it gives the streams' micro-batch.
+    steps = _run(pacer, 1000, token_s=0.0056, tiled_s=0.004, shared=1)
+    chunks = [c for c, _ in steps]
+    fed = [c for c in chunks if c]
+    assert all(c == 65 for c in fed[:-1]) and fed[-1] >= 65 and sum(fed) == 1000
+    assert max(s for _, s in steps) <= 0.5
+    # The streams catch up in steps without prompt work: on average they keep to the slowdown.
+    assert 0 in chunks
+    assert sum(s for _, s in steps) / len(steps) == pytest.approx(0.200, rel=0.1)
+    # The last chunk is left a whole tile too (or takes the rest, within the limit).
+    pacer.credit = 0.0
+    assert pacer.chunks(8, [(100, 1)]) == [100]  # 100 x 4 ms: whole, within 500 ms
+    pacer = PrefillPacer(512, slowdown=4.0, stall_s=0.35, tile=64)
+    _warm(pacer)
+    assert pacer.chunks(8, [(200, 1)]) == [65]  # 200 x 4 ms is over the limit: one tile, 135 left
+    pacer = PrefillPacer(512, slowdown=4.0, stall_s=0.2, tile=64)
+    _warm(pacer)  # a tile (256 ms) is over the limit: chunks under a tile, sized to the step's room
+    assert pacer.chunks(8, [(1000, 1)]) == [26]  # (200 - 50 ms) / 5.6 ms
+
+
+def test_prefill_pacer_knows_a_decode_step_by_its_streams() -> None:
+    pacer = PrefillPacer(512, slowdown=4.0, stall_s=0.05)
+    pacer.observe(1.0, 0, 250)  # 4 ms a prompt token
+    for _ in range(30):
+        pacer.observe(0.011, 1, 0)  # one stream alone (a warm-up request)
+    assert pacer.chunks(1, [(1000, 0)]) == [9]  # (max(4 x 11 ms, 50 ms) - 11 ms) / 4 ms
+    # Five streams, not measured alone yet: from one stream's step, scaled (5 x 11 ms).
+    assert pacer.decode_s(5) == pytest.approx(0.055, rel=0.01)
+    pacer.credit = 0.0
+    assert pacer.chunks(5, [(1000, 0)]) == [41]  # (4 x 55 - 55 ms) / 4 ms
+    for _ in range(30):
+        pacer.observe(0.040, 5, 0)
+    assert pacer.decode_s(5) == pytest.approx(0.040, rel=0.01)
+    assert pacer.decode_s(1) == pytest.approx(0.011, rel=0.01)
+    pacer.credit = 0.0
+    assert pacer.chunks(5, [(1000, 0)]) == [30]
+    pacer.credit = 0.0
+    assert pacer.chunks(4, [(1000, 0)]) == [24]  # 4 streams: 4/5 of 40 ms
+    pacer.observe(0.010, 0, 4)  # a chunk under min_chunk alone teaches nothing (noise)
     assert pacer.per_token_s == pytest.approx(0.004, rel=0.01)
     with pytest.raises(ValueError):
         PrefillPacer(512, slowdown=0.5)
 
 
-def test_prefill_pacer_takes_a_short_prompt_whole_within_its_stall_floor() -> None:
-    pacer = PrefillPacer(512, floor_s=0.5)  # 4x a decode step, or 500 ms
-    pacer.observe(1.0, 0, 250)  # 4 ms a prompt token
-    for _ in range(20):
-        pacer.observe(0.050, 8, 0)
-    assert pacer.allowance(8) == 112  # (500 - 50 ms) / 4 ms: 4 x 50 ms would leave 37
-    assert pacer.allowance(8, pending=100) == 112
-    # A remainder of a quarter of an allowance or less is not left for a step of its own.
-    assert pacer.allowance(8, pending=140) == 140
-    assert pacer.allowance(8, pending=141) == 112
-    for _ in range(100):  # slower steps (more streams, a bigger model): the slowdown governs
-        pacer.observe(0.200, 8, 0)
-    assert pacer.allowance(8) == 150  # (4 x 200 - 200 ms) / 4 ms
-
-
-def test_prefill_pacer_knows_a_decode_step_by_its_streams() -> None:
-    pacer = PrefillPacer(512, slowdown=4.0, floor_s=0.05)
-    pacer.observe(1.0, 0, 250)  # 4 ms a prompt token
-    for _ in range(30):
-        pacer.observe(0.011, 1, 0)  # one stream alone (a warm-up request)
-    assert pacer.allowance(1) == 9  # (max(4 x 11 ms, 50 ms) - 11 ms) / 4 ms
-    # Five streams, not measured alone yet: from one stream's step, scaled (5 x 11 ms).
-    assert pacer.decode_s(5) == pytest.approx(0.055, rel=0.01)
-    assert pacer.allowance(5) == 41  # (4 x 55 - 55 ms) / 4 ms
-    for _ in range(30):
-        pacer.observe(0.040, 5, 0)
-    assert pacer.decode_s(5) == pytest.approx(0.040, rel=0.01)
-    assert pacer.decode_s(1) == pytest.approx(0.011, rel=0.01)
-    assert pacer.allowance(5) == 30 and pacer.allowance(4) == 24  # 4 streams: 4/5 of 40 ms
-
-
-def test_prefill_pacer_off_gives_a_prompt_the_whole_step() -> None:
-    pacer = PrefillPacer(512, slowdown=0)
-    assert pacer.allowance(8) == 512  # before anything is measured
-    pacer.observe(1.0, 0, 250)
-    for _ in range(5):
-        pacer.observe(0.050, 8, 0)
-    assert pacer.allowance(8) == 512 and pacer.allowance(0) == 512

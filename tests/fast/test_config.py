@@ -82,7 +82,7 @@ def test_prefill_slowdown_from_file_env_and_cli(tmp_path: Path) -> None:
     for bad in ("0.5", "-1", "fast"):  # 0 is off; between 0 and 1 a prompt step could not be slower
         with pytest.raises(ConfigError, match="prefill_slowdown"):
             check(load_settings(env={"AXS_PREFILL_SLOWDOWN": bad}))
-    assert load_settings(env={}).model_defaults.prefill_stall_ms == 50
+    assert load_settings(env={}).model_defaults.prefill_stall_ms == 500
     args = build_parser().parse_args(["run", "--prefill-stall-ms", "200"])
     assert load_settings(_cli_overrides(args), env={"AXS_PREFILL_STALL_MS": "0"}).model_defaults.prefill_stall_ms == 200
     assert load_settings(env={"AXS_PREFILL_STALL_MS": "0"}).model_defaults.prefill_stall_ms == 0

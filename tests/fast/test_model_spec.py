@@ -116,7 +116,7 @@ def test_entry_settings_override_model_defaults(tmp_path: Path) -> None:
     spec = resolve(ModelConfig(id="m", path=str(path), ctx_size=512, kv_unified=True), defaults, str(tmp_path))
     e = spec.engine
     assert (e.n_ctx, e.max_batch, e.n_threads, e.kv_unified, spec.idle_timeout_secs) == (512, 4, 3, True, 60)
-    assert (e.prefill_slowdown, e.prefill_stall_ms, e.flash_attn, e.draft_tokens) == (4.0, 50, None, 0)
+    assert (e.prefill_slowdown, e.prefill_stall_ms, e.flash_attn, e.draft_tokens) == (4.0, 500, None, 0)
     drafting = resolve(ModelConfig(id="m", path=str(path)), ModelDefaults(draft_tokens=6), str(tmp_path))
     assert drafting.engine.draft_tokens == 6
     assert resolve(ModelConfig(id="m", path=str(path), draft_tokens=0), ModelDefaults(draft_tokens=6),
