@@ -267,8 +267,9 @@ class PrefillPacer:
     time less a decode-only step's), and while the account is overdrawn steps take no prompt work,
     so streams keep at least ``1 / slowdown`` of their speed on average. What a step takes may go
     past ``room``, up to ``stall_s`` (or the slowdown's step, if longer) in one step, when that
-    lets a prompt in whole (one step to its first token instead of several, each paying a pass of
-    its own over the weights) or in whole tiles:
+    lets prompts in whole (one step to their first token instead of several, each paying a pass
+    of its own over the weights; prompts that came together go in together, so the streams stall
+    once for them and the new ones decode in step) or a long one in whole tiles:
 
     ``tile``: the rows from which the runtime computes a prompt's attention in tiles (llama.cpp on
     a CPU with flash attention: 64 query rows). Under it each row attends alone, which costs the
@@ -367,16 +368,16 @@ class PrefillPacer:
         if self.credit < 0:
             return out  # overdrawn: the streams catch up this step
         left = self.credit
+        bound = max(cap, 1.25 * left)  # what the whole prompts of one step may add to it
+        spent = 0.0
         for i, (pending, shared) in enumerate(prompts):
-            if pending > limit:
-                if i == 0:
-                    out[0] = self._partial(pending, shared, left, cap, limit)
-                break
             whole = self.cost(pending, shared)
             assert whole is not None
-            if whole <= left or (i == 0 and whole <= max(cap, 1.25 * left)):
+            if pending <= limit and spent + whole <= bound:
+                # Whole, beside the others that arrived with it: one longer gap for the streams
+                # instead of one per prompt, and the new streams start decoding in step.
                 out[i] = pending
-                left -= whole
+                spent += whole
                 limit -= pending
                 continue
             if i == 0:  # more than a step may stall for: a chunk of it

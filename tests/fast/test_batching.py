@@ -297,6 +297,11 @@ def test_prefill_pacer_takes_a_prompt_whole_within_the_stall_limit_then_lets_str
     assert pacer.credit == pytest.approx(0.150 - 0.400)
     assert pacer.chunks(8, [(300, 0)]) == [0]  # the streams catch up: -250 + 150 ms
     assert pacer.chunks(8, [(300, 0)]) != [0]  # +50 ms: the next prompt goes on
+    # Prompts that came together go in together, as long as the stall limit holds (3 x 160 ms
+    # would be over 500 - 50 ms).
+    pacer = PrefillPacer(512, slowdown=4.0, stall_s=0.5)
+    _warm(pacer)
+    assert pacer.chunks(8, [(40, 0), (40, 0), (40, 0)]) == [40, 40, 0]
     # Shortest first: whole prompts while the step's room lasts, then no partial chunk after them.
     pacer = PrefillPacer(512, slowdown=4.0, stall_s=0.05)
     _warm(pacer)
