@@ -385,6 +385,19 @@ class PrefillPacer:
             break
         return out
 
+    def waits(self, n_decoding: int, steps_left: int, cost: float | None) -> bool:
+        """Whether the prompts wait for the ``n_decoding`` streams to end, all within
+        ``steps_left`` steps by their ``max_tokens``, instead of stalling them for ``cost`` (the
+        cheapest prompt whole): when that wait costs the prompts no more than the stall would
+        cost every stream, nor more than ``stall_s``. Streams that end together then start
+        their next prompts together, while nobody decodes, and stay in step: closed-loop clients
+        and conversations of equal turns stall each other once a round instead of once a
+        prompt (eight chats: every turn of one had stalled the seven others' streams)."""
+        decode_s = self.decode_s(n_decoding)
+        if decode_s is None or cost is None:
+            return False
+        return steps_left * decode_s <= min(cost, self.stall_s)
+
     def _partial(self, pending: int, shared: int, left: float, cap: float, limit: int) -> int:
         """A chunk of a prompt that does not go in whole this step: whole tiles when one fits
         ``cap`` (as many as ``left`` pays for, at least one), else what ``left`` pays for."""

@@ -88,7 +88,8 @@ class ChoiceBackend(Backend):
     def _plan(self) -> list[int]:
         """This step's tokens per running choice: decoding streams one each; prompts what
         :class:`PrefillPacer` gives them beside the streams (the fewest tokens left first), or,
-        with none decoding (or pacing off), the step's budget (see :func:`share_budget`). A
+        with none decoding (or pacing off), the step's budget (see :func:`share_budget`); none when
+        the streams decoding all end within a few steps (see :meth:`PrefillPacer.waits`). A
         seeded prompt's fixed-size chunks (see ``share_budget``) are not paced: it would wait
         for room forever."""
         if self._pacer is None or self._pacer.max_chunk != self._n_batch:
@@ -108,6 +109,11 @@ class ChoiceBackend(Backend):
         order = sorted((i for i, p in enumerate(pending) if p > 1), key=pending.__getitem__)
         decoding = {s.slot for s in self._running if s.pending == 1}
         shared = [self._shares_first(self._running[i].slot, decoding) for i in order]
+        steps_left = max(min(s.params.max_tokens - s.n_generated, self._n_ctx - len(s.tokens))
+                         for s in self._running if s.pending == 1)
+        if order and pacer.waits(n_decoding, steps_left, pacer.cost(pending[order[0]], shared[0])):
+            self._mix = (n_decoding, 0, False)
+            return plan
         chunks = pacer.chunks(n_decoding, [(pending[i], sh) for i, sh in zip(order, shared, strict=True)],
                               self._n_batch - n_decoding)
         tiled = False

@@ -288,6 +288,18 @@ def test_prefill_pacer_follows_a_prompt_whose_tokens_cost_more_as_it_goes() -> N
     assert sum(s for _, s in steps) / len(steps) == pytest.approx(0.200, rel=0.1)
 
 
+def test_prefill_pacer_lets_prompts_wait_for_streams_about_to_end() -> None:
+    pacer = PrefillPacer(512, slowdown=4.0, stall_s=0.5)
+    assert not pacer.waits(8, 1, 0.2)  # nothing measured: no wait
+    _warm(pacer)  # eight streams decode a step in 50 ms
+    assert pacer.waits(8, 1, 0.2)
+    assert pacer.waits(8, 4, 0.2)  # 200 ms for the prompt instead of 200 ms for every stream
+    assert not pacer.waits(8, 5, 0.2)
+    assert pacer.waits(8, 10, 2.0)  # a long prompt waits no longer than the stall limit
+    assert not pacer.waits(8, 11, 2.0)
+    assert not pacer.waits(8, 1, None)
+
+
 def test_prefill_pacer_takes_a_prompt_whole_within_the_stall_limit_then_lets_streams_catch_up() -> None:
     pacer = PrefillPacer(512, slowdown=4.0, stall_s=0.5)
     _warm(pacer)
