@@ -64,6 +64,10 @@ class Choice:
     def pending(self) -> int:
         return len(self.tokens) - self.n_past
 
+    def tokens_left(self, n_ctx: int) -> int:
+        """Tokens it may still draw: to ``max_tokens`` or the context's end, whichever is first."""
+        return min(self.params.max_tokens - self.n_generated, n_ctx - len(self.tokens))
+
 
 class ChoiceBackend(Backend):
     """What a batched backend keeps of its requests, whatever computes them: choices waiting
@@ -109,9 +113,8 @@ class ChoiceBackend(Backend):
         order = sorted((i for i, p in enumerate(pending) if p > 1), key=pending.__getitem__)
         decoding = {s.slot for s in self._running if s.pending == 1}
         shared = [self._shares_first(self._running[i].slot, decoding) for i in order]
-        steps_left = max(min(s.params.max_tokens - s.n_generated, self._n_ctx - len(s.tokens))
-                         for s in self._running if s.pending == 1)
-        if order and pacer.waits(n_decoding, steps_left, pacer.cost(pending[order[0]], shared[0])):
+        if order and pacer.waits(n_decoding, max(s.tokens_left(self._n_ctx) for s in self._running if s.pending == 1),
+                                 pacer.cost(pending[order[0]], shared[0])):
             self._mix = (n_decoding, 0, False)
             return plan
         chunks = pacer.chunks(n_decoding, [(pending[i], sh) for i, sh in zip(order, shared, strict=True)],

@@ -446,7 +446,7 @@ class LlamaCppBackend(ChoiceBackend):
             return {}  # a plain step of as many streams is the measure of what drafting saves
         # A fed token is kept only if it is drawn, before max_tokens and the context's end.
         limit = min([limit, (self._n_batch - sum(plan)) // len(decoding)]
-                    + [min(s.params.max_tokens - s.n_generated, self._n_ctx - len(s.tokens)) - 1 for s in decoding])
+                    + [s.tokens_left(self._n_ctx) - 1 for s in decoding])
         proposals = []
         for seq in decoding:
             lookup = seq.draft = seq.draft or NgramDraft()
