@@ -111,6 +111,8 @@ def resolve(
         if backend == AUTO_BACKEND:
             backend = "fake"
     else:
+        if "\x00" in entry.path:  # no file system takes it (os.stat raises ValueError)
+            raise UnprocessableRequest("model file path contains a NUL character", param="path", code="invalid_path")
         p = Path(entry.path).expanduser()
         check_allowed(p, allowed_dirs)
         if not p.exists():

@@ -149,6 +149,8 @@ def test_load_errors(client: TestClient, body: dict, status: int, param: str | N
 def test_file_errors_inside_the_allowed_dirs(client: TestClient, allowed: Path) -> None:
     r = client.post("/v1/models", json={"model_id": "m", "path": str(allowed / "missing.gguf")})
     assert r.status_code == 422 and error(r)["code"] == "model_file_missing"
+    r = client.post("/v1/models", json={"model_id": "m", "path": str(allowed / "a\x00.gguf")})  # found by the fuzzer: a 500
+    assert r.status_code == 422 and error(r)["code"] == "invalid_path" and error(r)["param"] == "path"
     (allowed / "text.gguf").write_text("hello")
     r = client.post("/v1/models", json={"model_id": "m", "path": str(allowed / "text.gguf")})
     assert r.status_code == 422 and error(r)["code"] == "not_a_model"
