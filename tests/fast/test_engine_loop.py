@@ -150,7 +150,7 @@ def test_an_idle_engine_gathers_a_burst_into_its_first_step(loop: tuple[FrontEnd
     together and decode in step; a lone request waits only the short first window."""
     import threading
 
-    from engine_proc.main import GATHER_BURST_QUIET_S, GATHER_QUIET_S, GATHER_S
+    from engine_proc.main import GATHER_BURST_QUIET_S, GATHER_QUIET_S, GATHER_S, LONE_IDLE_S
 
     front, engine = loop
     gaps = (0.002, GATHER_QUIET_S + 0.004)  # the second gap: longer than a lone request's wait
@@ -171,6 +171,7 @@ def test_an_idle_engine_gathers_a_burst_into_its_first_step(loop: tuple[FrontEnd
     while engine.backend.has_work():
         engine.run_once()
     front.drain()
+    engine._idle_at -= LONE_IDLE_S  # idle a while: the three are not expected back together
     submit(front, 10, 5)
     steps, start = engine.steps, time.monotonic()
     engine.run_once()
@@ -207,3 +208,46 @@ def test_a_lone_clients_next_request_starts_without_waiting(loop: tuple[FrontEnd
     gathers = engine.gathers
     run_alone(5)
     assert engine.gathers == gathers + 1  # their clients may come back together: it waits again
+
+
+def test_requests_ended_together_are_awaited_back_together(loop: tuple[FrontEnd, EngineLoop]) -> None:
+    """A step that left the engine idle finished three requests: their clients' next requests
+    are gathered into one step even when they come further apart than a burst's quiet window
+    (client and front busy on the same cores), and a missing one is waited for a bounded time."""
+    import threading
+
+    from engine_proc.main import GATHER_BURST_QUIET_S, GATHER_EXPECTED_S, GATHER_S
+
+    front, engine = loop
+    for rid in (0, 1, 2):
+        submit(front, rid, 5)
+    engine.run_once()
+    while engine.backend.has_work():
+        engine.run_once()
+    front.drain()
+
+    gap = GATHER_S + 0.02
+    assert GATHER_BURST_QUIET_S < gap < GATHER_EXPECTED_S / 2
+
+    def send() -> None:
+        for rid in (11, 12):
+            time.sleep(gap)
+            submit(front, rid, 5)
+
+    sender = threading.Thread(target=send)
+    submit(front, 10, 5)
+    sender.start()
+    steps, taken, start = engine.steps, engine.taken, time.monotonic()
+    engine.run_once()
+    sender.join()
+    assert (engine.taken, engine.steps) == (taken + 3, steps + 1)  # all three in the first step
+    assert time.monotonic() - start < GATHER_EXPECTED_S  # it started once the third came
+
+    while engine.backend.has_work():
+        engine.run_once()
+    front.drain()
+    submit(front, 20, 5)  # one of the three clients comes back
+    start = time.monotonic()
+    engine.run_once()
+    assert engine.taken == taken + 4
+    assert GATHER_EXPECTED_S <= time.monotonic() - start < GATHER_EXPECTED_S + 0.1
