@@ -36,7 +36,7 @@ class Choice:
     """
 
     __slots__ = (
-        "cache", "draft", "exact", "followers", "n_past", "n_prompt", "out", "params", "rid", "sampler", "slot",
+        "awaited", "cache", "draft", "exact", "followers", "n_past", "n_prompt", "out", "params", "rid", "sampler", "slot",
         "tokens",
     )
 
@@ -52,6 +52,10 @@ class Choice:
         self.out = out
         self.followers: list[Choice] = []
         self.draft: NgramDraft | None = None  # prompt-lookup drafting state, when the runtime drafts
+        # The length of its prompt's prefix that requests waiting to share it will start from
+        # (see SlotTable.awaited; 0: none): its prefill stops there, for a step, so theirs and
+        # the rest of its own go in together.
+        self.awaited = 0
         # Seeded sampling: its first logits are computed alone, cached prefix or not (see
         # batching.share_budget), so the seed reproduces the reply.
         self.exact = params.seed is not None and params.temperature > 0
@@ -63,6 +67,12 @@ class Choice:
     @property
     def pending(self) -> int:
         return len(self.tokens) - self.n_past
+
+    @property
+    def to_feed(self) -> int:
+        """What it may feed this step: :attr:`pending`, up to the end of an awaited prefix."""
+        stop = self.awaited - self.n_past
+        return stop if 1 < stop < self.pending else self.pending
 
     def tokens_left(self, n_ctx: int) -> int:
         """Tokens it may still draw: to ``max_tokens`` or the context's end, whichever is first."""
@@ -93,7 +103,9 @@ class ChoiceBackend(Backend):
         """This step's tokens per running choice: decoding streams one each; prompts what
         :class:`PrefillPacer` gives them beside the streams (the fewest tokens left first), or,
         with none decoding (or pacing off), the step's budget (see :func:`share_budget`); none when
-        the streams decoding all end within a few steps (see :meth:`PrefillPacer.waits`). A
+        the streams decoding all end within a few steps (see :meth:`PrefillPacer.waits`). A prompt
+        that requests wait to share goes no further than the prefix they wait for (see
+        ``Choice.awaited``). A
         seeded prompt's fixed-size chunks (see ``share_budget``) are not paced: it would wait
         for room forever."""
         if self._pacer is None or self._pacer.max_chunk != self._n_batch:
@@ -102,7 +114,7 @@ class ChoiceBackend(Backend):
                 stall_s=self.config.prefill_stall_ms / 1000, tile=self._prefill_tile,
             )
         pacer = self._pacer
-        pending = [s.pending for s in self._running]
+        pending = [s.to_feed for s in self._running]
         exact = [s.exact for s in self._running]
         n_decoding = pending.count(1)
         if n_decoding == 0 or pacer.slowdown == 0.0 or any(e and p > 1 for e, p in zip(exact, pending, strict=True)):

@@ -274,6 +274,8 @@ class LlamaCppBackend(ChoiceBackend):
         """Start waiting requests while there are free slots (FIFO; preempted ones first)."""
         slots = self._slots
         later: list[Choice] = []  # waiting for a prefix a running sequence is computing
+        for s in self._running:
+            s.awaited = 0
         while self._waiting and not self._admit_blocked:
             seq = self._waiting[0]
             if slots.free() < 1 + len(seq.followers):
@@ -284,7 +286,10 @@ class LlamaCppBackend(ChoiceBackend):
                 reuse = self._place_kv(place.slot, None, 0)
             else:
                 running_kv = {s.slot: (s.tokens, s.n_past) for s in self._running}
-                if slots.worth_waiting(seq.tokens, running_kv):
+                awaited = slots.awaited(seq.tokens, running_kv)
+                if awaited is not None:
+                    leader = next(s for s in self._running if s.slot == awaited[0])
+                    leader.awaited = max(leader.awaited, awaited[1])
                     later.append(seq)
                     continue
                 place = slots.place(seq.tokens, running_kv)

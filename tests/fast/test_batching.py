@@ -101,9 +101,33 @@ def test_decoders_always_get_their_token_and_prefill_shares_the_rest() -> None:
 def test_prompts_with_nobody_decoding_are_levelled_so_they_end_in_one_step() -> None:
     assert share_budget([90] * 8, 512) == [64] * 8
     assert share_budget([26] * 8, 512) == [26] * 8  # all end together: they decode in step
-    assert share_budget([1500, 90, 90], 512) == [332, 90, 90]  # what the short ones leave
+    assert share_budget([2500, 90, 90], 512) == [332, 90, 90]  # what the short ones leave
     assert share_budget([5, 5, 5], 2) == [1, 1, 0]  # a unit each to the oldest
-    assert sum(share_budget([700, 300, 9], 512)) == 512
+    assert sum(share_budget([700, 300, 9], 1024)) == 1009
+
+
+def test_prompts_that_fit_a_few_steps_but_not_one_all_end_in_the_same_step() -> None:
+    from engine_proc.backends.batching import TOGETHER_STEPS
+
+    # A chat turn: eight new messages, four of them within the levelled share of 64.
+    pending = [60, 50, 64, 63, 140, 130, 160, 150]
+    steps = []
+    while any(pending):
+        plan = share_budget(pending, 512)
+        assert 0 < sum(plan) <= 512
+        steps.append([p == n for p, n in zip(pending, plan, strict=True)])  # who ends in this step
+        pending = [p - n for p, n in zip(pending, plan, strict=True)]
+        assert all(p != 1 for p in pending)  # one token left would count as decoding
+    assert steps == [[False] * 8, [True] * 8]
+    # Up to TOGETHER_STEPS steps: a long prompt that came with short ones holds them back too.
+    pending = [1500, 90, 90]
+    ends = []
+    while any(pending):
+        plan = share_budget(pending, 512)
+        ends.append([p == n for p, n in zip(pending, plan, strict=True)])
+        pending = [p - n for p, n in zip(pending, plan, strict=True)]
+    assert len(ends) == TOGETHER_STEPS and ends[-1] == [True] * 3 and not any(map(any, ends[:-1]))
+    assert share_budget([2, 2, 700], 512) == [0, 0, 512]
 
 
 @given(st.lists(st.tuples(st.integers(1, 2000), st.booleans()), min_size=1, max_size=16), st.integers(1, 1024))
@@ -197,10 +221,10 @@ def test_requests_on_a_prefix_being_prefilled_wait_for_it_then_share_it() -> Non
     follower = system + [7, 8]
     # The leader has computed 100 of the 300 shared tokens: the follower would compute the
     # other 200 itself beside it, so it waits.
-    assert t.worth_waiting(follower, {leader.slot: (system + [1, 2], 100)})
+    assert t.awaited(follower, {leader.slot: (system + [1, 2], 100)}) == (leader.slot, 300)
     # Once the shared prefix is in, it no longer waits, and starts from the leader's KV.
     kv = {leader.slot: (system + [1, 2], 300)}
-    assert not t.worth_waiting(follower, kv)
+    assert t.awaited(follower, kv) is None
     assert t.place(follower, kv) == Placement(1, leader.slot, 300)
 
 
@@ -208,14 +232,14 @@ def test_no_wait_for_a_short_gain_a_decoding_sequence_or_without_sharing() -> No
     t = SlotTable(4, min_share=1, min_wait=64)
     system = list(range(300))
     leader = t.place(system + [1], {})
-    assert not t.worth_waiting(system[:50] + [9], {leader.slot: (system + [1], 10)})  # gain 40 < 64
-    assert not t.worth_waiting([9] * 400, {leader.slot: (system + [1], 10)})  # nothing shared
+    assert t.awaited(system[:50] + [9], {leader.slot: (system + [1], 10)}) is None  # gain 40 < 64
+    assert t.awaited([9] * 400, {leader.slot: (system + [1], 10)}) is None  # nothing shared
     decoding = system + [1, 5, 6]
-    assert not t.worth_waiting(system + [2], {leader.slot: (decoding, len(decoding) - 1)})
+    assert t.awaited(system + [2], {leader.slot: (decoding, len(decoding) - 1)}) is None
     # An idle entry already holding the prefix: nothing to gain by waiting.
     t.release(t.place(system + [3], {}).slot, system + [3])
-    assert not t.worth_waiting(system + [4], {leader.slot: (system + [1], 10)})
-    assert not SlotTable(4, share=False).worth_waiting(system + [2], {0: (system + [1], 10)})
+    assert t.awaited(system + [4], {leader.slot: (system + [1], 10)}) is None
+    assert SlotTable(4, share=False).awaited(system + [2], {0: (system + [1], 10)}) is None
 
 
 def test_a_short_cached_prefix_does_not_scatter_the_batch_a_long_one_may() -> None:

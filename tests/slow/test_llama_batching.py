@@ -183,7 +183,20 @@ def test_requests_arriving_together_on_a_long_system_prompt_compute_it_once(back
     system = "You are a careful librarian. Recommend one book, and say why in a sentence. " * 6
     n_system = len(backend._tok.encode(system, special=True))
     assert n_system > backend._slots.min_wait + 10
-    together = run(backend, [chat(950 + i, PROMPTS[i], system=system, max_tokens=24) for i in range(3)])
+    for i in range(3):
+        backend.submit(chat(950 + i, PROMPTS[i], system=system, max_tokens=24))
+    together: dict[int, list[Any]] = {950 + i: [] for i in range(3)}
+    first_step: dict[int, int] = {}
+    for step in range(200):
+        if not backend.has_work():
+            break
+        for d in backend.step():
+            together[d.rid].append(d)
+            first_step.setdefault(d.rid, step)
+    assert not backend.has_work()
+    # The one computing the prefix stopped where it ends: all three prefilled the rest in one
+    # step and got their first tokens together (so they decode in step, none stalled by the others).
+    assert len(set(first_step.values())) == 1, first_step
     cached = sorted(together[950 + i][-1].cached_tokens for i in range(3))
     assert cached[0] < n_system // 2  # the one that computed it (maybe the template head came cached)
     assert all(c >= n_system for c in cached[1:]), cached
