@@ -21,6 +21,7 @@ truncated; its stream simply pauses).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import time
@@ -276,6 +277,8 @@ class LlamaCppBackend(ChoiceBackend):
         later: list[Choice] = []  # waiting for a prefix a running sequence is computing
         for s in self._running:
             s.awaited = 0
+        if self._waiting and not self._admit_blocked:
+            slots.claim(s.tokens for s in itertools.islice(self._waiting, slots.free()) if not s.exact)
         while self._waiting and not self._admit_blocked:
             seq = self._waiting[0]
             if slots.free() < 1 + len(seq.followers):
@@ -305,6 +308,7 @@ class LlamaCppBackend(ChoiceBackend):
                 f.sampler = f.sampler or self._sampler(f)
             self._running.append(seq)
         self._waiting.extendleft(reversed(later))  # still first in line, in their order
+        slots.claim(())
 
     def _shares_first(self, slot: int, decoding: set[int]) -> int:
         """llama.cpp splits a step into micro-batches over runs of consecutive sequence ids,

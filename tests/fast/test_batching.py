@@ -398,3 +398,31 @@ def test_prefill_pacer_knows_a_decode_step_by_its_streams() -> None:
         PrefillPacer(512, slowdown=0.5)
 
 
+
+
+def test_a_group_of_next_turns_each_takes_its_own_conversations_entry() -> None:
+    """Eight conversations on one long system prompt, each slot holding its own: their next
+    turns, placed together in any order, reuse their own entries (not a neighbour's, which would
+    extend the first placed one's run of slots but recompute the previous reply)."""
+    system = list(range(1000, 1600))
+    history = {c: system + [c] * 100 for c in range(8)}
+    for order in ([3, 5, 0, 7, 1, 6, 2, 4], list(range(8))):
+        t = SlotTable(8)
+        for c in range(8):
+            t.place(history[c], {})
+        for c in range(8):
+            t.release(c, history[c])
+        turns = {c: history[c] + [50 + c] * 40 for c in order}
+        t.claim(turns.values())
+        placed = {c: t.place(turns[c], {}) for c in order}
+        t.claim(())
+        assert all(p == Placement(c, c, len(history[c])) for c, p in placed.items()), placed
+    # Without the claim, the first placed takes the lowest run, the next ones its neighbours'.
+    t = SlotTable(8)
+    for c in range(8):
+        t.place(history[c], {})
+    for c in range(8):
+        t.release(c, history[c])
+    first = t.place(history[3] + [9] * 40, {})
+    assert first.slot == 3
+    assert t.place(history[5] + [9] * 40, {}).slot != 5
