@@ -36,8 +36,8 @@ class Choice:
     """
 
     __slots__ = (
-        "awaited", "cache", "draft", "exact", "followers", "n_past", "n_prompt", "out", "params", "rid", "sampler", "slot",
-        "tokens",
+        "awaited", "cache", "draft", "exact", "followers", "n_past", "n_prompt", "out", "params", "rid", "sampler",
+        "slot", "tokens",
     )
 
     def __init__(self, rid: int, params: SamplingParams, prompt: list[int], out: ChoiceOutput) -> None:
@@ -105,9 +105,8 @@ class ChoiceBackend(Backend):
         with none decoding (or pacing off), the step's budget (see :func:`share_budget`); none when
         the streams decoding all end within a few steps (see :meth:`PrefillPacer.waits`). A prompt
         that requests wait to share goes no further than the prefix they wait for (see
-        ``Choice.awaited``). A
-        seeded prompt's fixed-size chunks (see ``share_budget``) are not paced: it would wait
-        for room forever."""
+        ``Choice.awaited``). A seeded prompt's fixed-size chunks (see ``share_budget``) are not
+        paced: it would wait for room forever."""
         if self._pacer is None or self._pacer.max_chunk != self._n_batch:
             self._pacer = PrefillPacer(
                 max(self._n_batch, 1), slowdown=self.config.prefill_slowdown,
